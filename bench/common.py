@@ -1,0 +1,129 @@
+"""Shared benchmark plumbing: timing, the rooflines measured in the same run, results on disk.
+
+Every kernel benchmark reports time, achieved GB/s and TFLOP/s, the fraction of the measured HBM
+roofline, and the peers measured in the same process. Results go to bench/results/<gpu>.json
+(merged by section, with the commit that was measured) and a PNG plot next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+
+def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of fn() in ms, with the L2 flushed between runs (triton.testing.do_bench)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def bench_graph_ms(fn: Callable[[], object], iters: int = 20, reps: int = 5) -> float:
+    """Median per-call time of fn() replayed from a CUDA graph of `iters` calls (no launch gaps)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_copy_gbps(nbytes: int = 2 * 2**30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def measure_bf16_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = bench_ms(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def measure_fp8_tflops(n: int = 8192) -> float | None:
+    if torch.cuda.get_device_capability() < (8, 9):
+        return None
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device="cuda")
+    ms = bench_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def rooflines() -> dict:
+    return {
+        "copy_GBps": round(measure_copy_gbps(), 1),
+        "bf16_TFLOPs": round(measure_bf16_tflops(), 1),
+        "fp8_TFLOPs": (lambda v: round(v, 1) if v else None)(measure_fp8_tflops()),
+    }
+
+
+def gpu_name() -> str:
+    name = torch.cuda.get_device_name().lower()
+    for key in ("h200", "h100", "a100", "l40s", "l4", "b200"):
+        if key in name:
+            return key
+    return name.replace(" ", "_")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("LOWBIT_COMMIT", "unknown")
+
+
+def save_section(section: str, payload: dict, out_dir: str | None = None) -> str:
+    """Merge `payload` under `section` into <out_dir>/<gpu>.json; returns the path."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{gpu_name()}.json")
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    payload = dict(payload)
+    payload.update(commit=git_commit(), device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    data[section] = payload
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "-" if v is None else str(v)
