@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Triton kernels run on the CPU through the interpreter; it must be chosen before they are defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
