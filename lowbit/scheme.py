@@ -46,6 +46,7 @@ class QuantScheme:
     act_granularity: str | None = None  # for fp8 activations
     act_group_size: int | None = None  # 128 for "token_group"
     ue8m0_scales: bool = False  # power-of-two activation scales (DeepSeek-V3.1 style)
+    input_smoothing: bool = False  # per-input-channel `pre_quant_scale` multiplies x first (ModelOpt AWQ)
 
     def __post_init__(self):
         def bad(what, value, allowed):

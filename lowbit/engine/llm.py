@@ -55,6 +55,7 @@ class LLM:
     """Loads a model and serves batched generation over a paged KV cache.
 
     model: local directory, hub id, or None for the embedded SmolLM2-135M-Instruct.
+    backend: force one kernel backend for every quantized layer (as LOWBIT_BACKEND does).
     """
 
     def __init__(
@@ -70,13 +71,14 @@ class LLM:
         gpu_memory_utilization: float = 0.85,
         kv_cache_memory_gb: float | None = None,
         tokenizer: str | None = None,
+        backend: str | None = None,
     ):
         from transformers import AutoTokenizer
 
         self.model_dir = resolve_model(model)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        self.model, self.config = load_model(self.model_dir, self.device, self.dtype)
+        self.model, self.config = load_model(self.model_dir, self.device, self.dtype, backend)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.model_dir)
         limit = self.config.max_position_embeddings
         self.max_model_len = max_model_len or limit

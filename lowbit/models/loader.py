@@ -8,7 +8,6 @@ or mis-shaped is reported by name before the model runs.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -20,29 +19,13 @@ from tqdm.auto import tqdm
 
 from lowbit.config import ModelConfig, load_config
 from lowbit.formats import CheckpointFormat, detect_format
+from lowbit.formats.base import FormatError, safetensors_files
 from lowbit.layers.weights import WeightShapeError
 from lowbit.models.registry import model_class
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FormatError):
     pass
-
-
-def safetensors_files(model_dir: str) -> list[str]:
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [n for n in names if not os.path.exists(os.path.join(model_dir, n))]
-        if missing:
-            raise CheckpointError(f"{model_dir}: shards listed in model.safetensors.index.json are missing: {missing}")
-        return [os.path.join(model_dir, n) for n in names]
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    if not files:
-        other = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".gguf"))]
-        hint = f" (found {other}; lowbit reads safetensors only)" if other else ""
-        raise CheckpointError(f"{model_dir}: no *.safetensors weights{hint}")
-    return [os.path.join(model_dir, f) for f in files]
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
@@ -153,9 +136,10 @@ def finalize(model: nn.Module, device: torch.device) -> None:
             module.materialize(device)
 
 
-def load_model(model_dir: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, ModelConfig]:
+def load_model(model_dir: str, device: torch.device, dtype: torch.dtype,
+               backend: str | None = None) -> tuple[nn.Module, ModelConfig]:
     cfg = load_config(model_dir)
-    fmt = detect_format(model_dir, cfg)
+    fmt = detect_format(model_dir, cfg, backend)
     model = build_model(cfg, fmt, dtype)
     materialize(model, device)
     load_weights(model, model_dir, fmt)
