@@ -2,6 +2,7 @@
 
   lowbit run  [-m MODEL] -p PROMPT [-p PROMPT ...]   answer prompts (chat template applied), streamed
   lowbit chat [-m MODEL]                             interactive conversation, streamed
+  lowbit quantize | eval | inspect | matrix | serve  (see COMMANDS below)
 Without -m, the embedded SmolLM2-135M-Instruct is used (converted once into the user's cache).
 """
 
@@ -96,7 +97,20 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# subcommands implemented in their own modules: name -> (module, help); each module has
+# add_arguments(parser) and run(args) -> int, imported only when its command is used
+COMMANDS = {
+    "quantize": ("lowbit.quant.cli", "quantize a model (RTN, GPTQ, AWQ, W4A8-AWQ, FP8) and save it"),
+    "eval": ("lowbit.eval.cli", "evaluate a model (perplexity)"),
+    "inspect": ("lowbit.inspect", "describe a checkpoint: format, schemes per layer group, ignored modules"),
+    "matrix": ("lowbit.matrix", "print the live support matrix (schemes x families x backends)"),
+    "serve": ("lowbit.serve.cli", "OpenAI-compatible HTTP server"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="lowbit", description="Inference engine for quantized LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer one or more prompts")
@@ -108,11 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     _sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    chosen = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name != chosen:
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            p.set_defaults(func=lambda args, n=name: _not_yet(n))
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
     return parser
 
 
+def _not_yet(name: str) -> int:
+    print(f"lowbit: `{name}` is not available in this build", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, NotImplementedError, RuntimeError, FileNotFoundError) as e:
