@@ -56,8 +56,7 @@ class QuantLinearMethod(LinearMethod):
         shape = LayerShape(layer.out_features, layer.in_features, tuple(layer.output_sizes))
         device = next(layer.parameters()).device
         layer.backend = select_backend(self.scheme, shape, device, layer.params_dtype, self.backend_override,
-                                       what=layer.prefix)
-        layer.backend.prepare(layer)
+                                       what=layer.prefix, prepare=lambda b: b.prepare(layer))
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return layer.backend.apply(layer, x, bias)

@@ -70,7 +70,9 @@ def capability_ok(backend: LinearBackend, device: torch.device) -> tuple[bool, s
 
 
 def select_backend(scheme: QuantScheme, shape: LayerShape, device: torch.device, dtype: torch.dtype,
-                   override: str | None = None, what: str = "") -> LinearBackend:
+                   override: str | None = None, what: str = "", prepare=None) -> LinearBackend:
+    """First backend that can implement the layer; with `prepare(backend)`, also the first whose
+    preparation (the repack) succeeds — a backend may decline there with NotImplementedError."""
     override = override or os.environ.get("LOWBIT_BACKEND") or None
     candidates = backends_for(scheme.name)
     if override:
@@ -86,6 +88,11 @@ def select_backend(scheme: QuantScheme, shape: LayerShape, device: torch.device,
         ok, reason = capability_ok(backend, device)
         if ok:
             ok, reason = backend.can_implement(scheme, shape, device, dtype)
+        if ok and prepare is not None:
+            try:
+                prepare(backend)
+            except NotImplementedError as e:
+                ok, reason = False, str(e)
         if ok:
             return backend
         reasons.append(f"{backend.name}: {reason}")
