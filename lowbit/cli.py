@@ -18,6 +18,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     p.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size (default: from free memory)")
+    p.add_argument("--backend", default=None, help="force one kernel backend for quantized layers (see `lowbit matrix`)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def _build_llm(args):
     from lowbit import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               kv_cache_memory_gb=args.kv_cache_gb)
+               kv_cache_memory_gb=args.kv_cache_gb, backend=args.backend)
 
 
 def _sampling(llm, args):
