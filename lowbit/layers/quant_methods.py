@@ -82,12 +82,15 @@ class IntWeightMethod(QuantLinearMethod):
 
     def load_weight(self, layer, name, tensor, shard):
         if name == "pre_quant_scale":
-            # fused modules share an input, so their smoothing must agree (ModelOpt averages it)
-            if shard not in (None, 0):
+            # fused modules share an input, so their smoothing must agree (ModelOpt averages it); shards
+            # arrive in file order (k_proj before q_proj), so the first one loaded sets it
+            if getattr(layer, "pre_quant_scale_loaded", False):
                 if not torch.equal(layer.pre_quant_scale.data, tensor.to(layer.pre_quant_scale.dtype)):
                     raise WeightShapeError(f"{layer.prefix}: fused modules carry different pre_quant_scale")
                 return
-            return copy_checked(layer.pre_quant_scale, tensor, f"{layer.prefix}.pre_quant_scale")
+            copy_checked(layer.pre_quant_scale, tensor, f"{layer.prefix}.pre_quant_scale")
+            layer.pre_quant_scale_loaded = True
+            return
         super().load_weight(layer, name, tensor, shard)
 
 
