@@ -42,6 +42,7 @@ class ReferenceBackend:
     name = "reference"
     families = ("w4a16", "w8a16", "w4a8", "w8a8", "w8a8_fp8", "w8a8_fp8_block", "w8a16_fp8")  # every QuantScheme.name
     min_capability = None
+    tests = "tests/layers/test_reference_schemes.py"
 
     def can_implement(self, scheme, shape, device, dtype):
         return True, ""
