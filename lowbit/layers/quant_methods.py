@@ -85,7 +85,8 @@ class IntWeightMethod(QuantLinearMethod):
             # fused modules share an input, so their smoothing must agree (ModelOpt averages it); shards
             # arrive in file order (k_proj before q_proj), so the first one loaded sets it
             if getattr(layer, "pre_quant_scale_loaded", False):
-                if not torch.equal(layer.pre_quant_scale.data, tensor.to(layer.pre_quant_scale.dtype)):
+                mine = layer.pre_quant_scale.data
+                if not torch.equal(mine, tensor.to(device=mine.device, dtype=mine.dtype)):
                     raise WeightShapeError(f"{layer.prefix}: fused modules carry different pre_quant_scale")
                 return
             copy_checked(layer.pre_quant_scale, tensor, f"{layer.prefix}.pre_quant_scale")

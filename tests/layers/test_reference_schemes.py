@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -205,7 +206,7 @@ def test_scheme_end_to_end_reference_backend(tmp_path, family, device, name, mon
     monkeypatch.setenv("LOWBIT_BACKEND", "reference")
     dims = ALIGNED if scheme.is_int and scheme.effective_group(192) == 128 else ODD
     base = str(tmp_path / "base")
-    hf = make_hf_model(family, base, seed=hash(name) % 1000, **dims)
+    hf = make_hf_model(family, base, seed=zlib.crc32(name.encode()) % 1000, **dims)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (1, PROMPT), generator=gen)
     modules, plain = _quantize(hf, scheme, ids, gen, writer)
@@ -223,8 +224,10 @@ def test_scheme_end_to_end_reference_backend(tmp_path, family, device, name, mon
     with torch.no_grad():
         want = hf(ids).logits[0, -1]
     diff = (got - want).abs().max().item()
-    scale = 1.0 if device == "cpu" else 10.0  # GPU fp32 kernels sum in another order
     if scheme.act_dtype == "fp8_e4m3":
-        assert diff < scale * FP8_ACT_RTOL * want.abs().max().item(), f"{name}/{family}: logits differ by {diff:.3g}"
+        # on the GPU, fp32 GEMMs sum in another order than transformers' on the CPU, enough to flip a few
+        # e4m3 roundings of the next layer's input (observed 0.5%); still 20x below skipping the quantization
+        rtol = FP8_ACT_RTOL if device == "cpu" else 1e-2
+        assert diff < rtol * want.abs().max().item(), f"{name}/{family}: logits differ by {diff:.3g}"
     else:
-        assert diff < scale * WEIGHT_ONLY_ATOL, f"{name}/{family}: logits differ by {diff:.3g}"
+        assert diff < (1 if device == "cpu" else 10) * WEIGHT_ONLY_ATOL, f"{name}/{family}: logits differ by {diff:.3g}"
