@@ -1,0 +1,376 @@
+"""w4a16 GEMM: y[M, N] = x[M, K] @ W^T (+ bias) with W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g].
+
+Over 300 lines because the kernel, its int4 unpack and its two launch paths only make sense together;
+the weight layout lives in w4a16_layout.py and the launch configs in w4a16_tune.py.
+
+Per K-block t of the repacked weight (KB = P * W kernel columns; chunk i is bitfield i of a [N, W]
+word tile; c = t*KB + i*W + j) the kernel computes, "swap AB", acc^T += W_tile @ x_tile^T:
+
+    acc[n, m] += sum_{i, j} (q[n, c] - z[n, g(c)]) * s[n, g(c)] * x[m, perm(c)]
+
+so weight rows are the MMA's 64-row side (wgmma A operand, unpacked in registers) and tokens its
+16..256-wide side: M = 1..16 costs one 16-wide MMA per chunk while every SM streams weights.
+Scale-after mode feeds the exact integers (q - z) to the MMA and scales each group's fp32 partial
+once (small M); pre-scaled mode multiplies the 16-bit operand by s (large token tiles).
+int4 unpack (GPU): two words -> four nibbles as 16-bit pairs with prmt + lop3 into the exponent of
+1024 (fp16, 0x6400) or 128 (bf16, 0x4300) and one fma that removes the bias and the zero, exactly;
+the magic-number idea is from Kim et al. 2022 (arXiv:2211.10017) and Marlin (arXiv:2408.11743).
+
+| tensor        | dtype          | shape            | notes                                         |
+|---------------|----------------|------------------|-----------------------------------------------|
+| x             | fp16 / bf16    | [..., K]         | any strides                                   |
+| w.qweight     | int32          | [Kp/KB, N, W]    | see w4a16_layout.py                           |
+| w.scales      | fp16/bf16/fp32 | [Kp/Gk, N]       |                                               |
+| w.zeros       | uint8          | [Kp/Gk, N]       | absent: symmetric                             |
+| w.perm        | int32          | [Kp]             | act-order gather of x columns                 |
+| bias          | fp16/bf16/fp32 | [N]              |                                               |
+| y             | x.dtype        | [..., N]         |                                               |
+| workspace     | fp32           | [S, M, N]        | split-K partials (S > 1)                      |
+
+Paths (picked per M bucket by w4a16_tune.py): "fused" (this kernel; with split-K S > 1 each split
+writes an fp32 partial and the last CTA of a tile, counted by an atomic in w.locks, sums them in a
+fixed order: one launch, deterministic, graph-safe; one stream at a time per weight) and "dequant"
+(w4a16_dequant_kernel writes W in x.dtype, <= 512 MB of rows at a time, then cuBLAS into those columns
+of y; act-order multiplies x gathered into kernel column order; for large M where that measures faster).
+Rows of x beyond M are zero-filled, never loaded: a clamped M = 1 tile sent all CTAs to the same lines.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels.w4a16_layout import (SUPPORTED_DTYPES, W4A16Weights, w4a16_can_implement,  # noqa: F401
+                                         w4a16_repack)
+from lowbit.kernels.w4a16_tune import interpreting, select_config
+
+
+def _unpack_asm(j: int, bf16: bool, scaled: bool) -> str:
+    """PTX for chunks 2j, 2j+1 of words $2, $3 (pack=2): $0/$1 = 16-bit pairs (q - z) [* s $6]."""
+    sel = j | (j << 4) | ((4 + j) << 8) | ((4 + j) << 12)  # byte j of each word -> bytes 0/1 and 2/3
+    if bf16:  # bf16 has 7 mantissa bits: the high nibble must be shifted down to bits 0..3
+        body = ("mov.b32 one, 0x3f803f80;\n"
+                "lop3.b32 $0, t, 0x000f000f, 0x43004300, 0xea;\n"  # (t & m) | 128.0: 128 + q
+                "shr.b32 t, t, 4;\n"
+                "lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea;\n"
+                "fma.rn.bf16x2 $0, $0, one, $4;\n"  # + (-(128 + z)): exact
+                "fma.rn.bf16x2 $1, $1, one, $5;\n")
+        if scaled:
+            body += ("mov.b32 nz, 0x80008000;\n"
+                     "fma.rn.bf16x2 $0, $0, $6, nz;\n"
+                     "fma.rn.bf16x2 $1, $1, $6, nz;\n")
+    else:  # fp16: the high nibble lands at 16 * q inside 1024 + 16q, folded by a 1/16 fma
+        body = ("mov.b32 one, 0x3c003c00;\n"
+                "mov.b32 sixteenth, 0x2c002c00;\n"
+                "lop3.b32 $0, t, 0x000f000f, 0x64006400, 0xea;\n"  # 1024 + q
+                "lop3.b32 $1, t, 0x00f000f0, 0x64006400, 0xea;\n"  # 1024 + 16q
+                "fma.rn.f16x2 $0, $0, one, $4;\n"  # - (1024 + z)
+                "fma.rn.f16x2 $1, $1, sixteenth, $5;\n")  # 64 + q - (64 + z)
+        if scaled:
+            body += "mul.rn.f16x2 $0, $0, $6;\nmul.rn.f16x2 $1, $1, $6;\n"
+    return "{\n.reg .b32 t, one, sixteenth, nz;\n" + f"prmt.b32 t, $2, $3, {sel};\n" + body + "}"
+
+
+# PTX strings, data for the kernel: index 8 * scaled + 4 * bf16 + pair
+_ASM = tl.constexpr(tuple(_unpack_asm(j, b, s) for s in (False, True) for b in (False, True) for j in range(4)))
+
+
+@triton.jit
+def _unpack_pair(q, ce, co, s, j: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr,
+                 SCALED: tl.constexpr, DT: tl.constexpr):
+    """Chunks 2j and 2j+1 of the word tile q [BN, W] as DT tiles: (q - z) or (q - z) * s."""
+    if USE_ASM:
+        if SCALED:
+            w0, w1 = tl.inline_asm_elementwise(_ASM[8 + 4 * (ce.dtype == tl.bfloat16) + j], "=r,=r,r,r,r,r,r",
+                                               [q, ce, co, s.to(ce.dtype)], dtype=(ce.dtype, ce.dtype),
+                                               is_pure=True, pack=2)
+        else:
+            w0, w1 = tl.inline_asm_elementwise(_ASM[4 * (ce.dtype == tl.bfloat16) + j], "=r,=r,r,r,r,r",
+                                               [q, ce, co], dtype=(ce.dtype, ce.dtype), is_pure=True, pack=2)
+        return w0, w1
+    # portable path (int8, interpreter): exponent trick in fp32, 2^23 + q - (2^23 + z) is exact
+    mask: tl.constexpr = (1 << BITS) - 1
+    w0 = (((q >> (BITS * 2 * j)) & mask) | 0x4B000000).to(tl.float32, bitcast=True) - ce
+    w1 = (((q >> (BITS * (2 * j + 1))) & mask) | 0x4B000000).to(tl.float32, bitcast=True) - ce
+    if SCALED:
+        w0 = w0 * s
+        w1 = w1 * s
+    return w0.to(DT), w1.to(DT)
+
+
+@triton.jit
+def _load_group(s_ptr, z_ptr, g, stride_g, offs_n, N, HAS_ZEROS: tl.constexpr):
+    """Raw scales and zeros [BN] of group g (masked, not clamped: the loads stay vectorized)."""
+    s = tl.load(s_ptr + g * stride_g + offs_n, mask=offs_n < N, other=0.0)
+    z = tl.load(z_ptr + g * stride_g + offs_n, mask=offs_n < N, other=0) if HAS_ZEROS else s
+    return s, z
+
+
+@triton.jit
+def _consts(s_raw, z_raw, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, USE_ASM: tl.constexpr, DT: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """Scale [BN, 1] fp32 and the unpack's zero terms: the bias to remove, exactly (see _unpack_asm)."""
+    s = s_raw.to(tl.float32)[:, None]
+    if HAS_ZEROS:
+        z = z_raw.to(tl.float32)[:, None]
+    else:  # a constant (not derived from s, which would tie s to the MMA operand layout)
+        z = tl.full([BLOCK_N, 1], 1 << (BITS - 1), tl.float32)
+    if USE_ASM:
+        if DT == tl.bfloat16:
+            ce = (-128.0 - z).to(DT)
+            co = ce
+        else:
+            ce = (-1024.0 - z).to(DT)
+            co = (-64.0 - z).to(DT)
+    else:
+        ce = 8388608.0 + z
+        co = ce
+    return s, ce, co
+
+
+@triton.jit
+def _group_consts(s_ptr, z_ptr, g, stride_g, offs_n, N, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                  USE_ASM: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr):
+    s_raw, z_raw = _load_group(s_ptr, z_ptr, g, stride_g, offs_n, N, HAS_ZEROS)
+    return _consts(s_raw, z_raw, BITS, HAS_ZEROS, USE_ASM, DT, BLOCK_N)
+
+
+@triton.jit
+def _cat(a, b):
+    """[BN, w] | [BN, w] -> [BN, 2w] along K; with the MMA operand layout this is register renaming."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
+def _unpack_group(q, ce, co, s, j0: tl.constexpr, CPG: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr,
+                  SCALED: tl.constexpr, DT: tl.constexpr):
+    """Chunks 2*j0 .. 2*j0+CPG-1 of q as one [BN, CPG*W] operand (one group, one tl.dot)."""
+    w0, w1 = _unpack_pair(q, ce, co, s, j0, BITS, USE_ASM, SCALED, DT)
+    a = _cat(w0, w1)
+    if CPG >= 4:
+        w2, w3 = _unpack_pair(q, ce, co, s, j0 + 1, BITS, USE_ASM, SCALED, DT)
+        a = _cat(a, _cat(w2, w3))
+    if CPG == 8:
+        w4, w5 = _unpack_pair(q, ce, co, s, j0 + 2, BITS, USE_ASM, SCALED, DT)
+        w6, w7 = _unpack_pair(q, ce, co, s, j0 + 3, BITS, USE_ASM, SCALED, DT)
+        a = _cat(a, _cat(_cat(w4, w5), _cat(w6, w7)))
+    return a
+
+
+@triton.jit
+def _load_x(x_rows, row_ok, perm_ptr, offs_k, Kx, stride_xk, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[rows, kernel columns offs_k] as [BM, len], rows >= M zero-filled without a memory access (clamping
+    them would send every CTA of an M = 1 launch to the same L2 lines, 16 times over); act-order gathers."""
+    if HAS_PERM:
+        src = tl.load(perm_ptr + offs_k)
+        return tl.load(x_rows + src[None, :] * stride_xk, mask=row_ok & (src >= 0)[None, :], other=0.0)
+    if EVEN_K:
+        return tl.load(x_rows + offs_k[None, :] * stride_xk, mask=row_ok, other=0.0)
+    return tl.load(x_rows + offs_k[None, :] * stride_xk, mask=row_ok & (offs_k < Kx)[None, :], other=0.0)
+
+
+@triton.jit
+def w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
+                 M, N, Kx, stride_xm, stride_xk, stride_ym, num_kb, kb_per_split,
+                 BITS: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
+                 SCALE_AFTER: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    P: tl.constexpr = 32 // BITS
+    KB: tl.constexpr = P * W
+    ONE_GROUP: tl.constexpr = GS == 0
+    CPG: tl.constexpr = P if (ONE_GROUP or GS >= KB) else GS // W  # chunks per group inside a block
+    GROUP_PART: tl.constexpr = SCALE_AFTER and not ONE_GROUP
+    PREFETCH: tl.constexpr = (not ONE_GROUP) and GS >= KB
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    # grouped tile order: GROUP_M token tiles reuse a weight tile while it sits in L2
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    rows_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows_m
+    pid_n = (pid % width) // rows_m
+    pid_k = tl.program_id(1)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nc = tl.minimum(offs_n, N - 1)  # loads stay in bounds, stores are masked
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_w = tl.arange(0, W)
+    offs_g = tl.arange(0, CPG * W)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    row_ok = (offs_m < M)[:, None]
+    q_ptrs = qw_ptr + offs_nc[:, None] * W + offs_w[None, :]  # [BN, W] words of block 0
+    kb_lo = pid_k * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # y^T tile
+    if ONE_GROUP:
+        s, ce, co = _group_consts(s_ptr, z_ptr, 0, N, offs_n, N, BITS, HAS_ZEROS, USE_ASM, DT, BLOCK_N)
+    if PREFETCH:  # <= 1 group per block: its scales are loaded one block ahead (they come from HBM too)
+        s_nxt, z_nxt = _load_group(s_ptr, z_ptr, kb_lo * KB // GS, N, offs_n, N, HAS_ZEROS)
+    for kb in range(kb_lo, kb_hi):
+        q = tl.load(q_ptrs + kb * N * W)  # [BN, W] int32: 64 contiguous bytes per row
+        if PREFETCH:
+            s, ce, co = _consts(s_nxt, z_nxt, BITS, HAS_ZEROS, USE_ASM, DT, BLOCK_N)
+            s_nxt, z_nxt = _load_group(s_ptr, z_ptr, tl.minimum(kb + 1, kb_hi - 1) * KB // GS, N, offs_n, N,
+                                       HAS_ZEROS)
+        for gi in tl.static_range(P // CPG):  # groups inside this block
+            c0 = kb * KB + gi * CPG * W
+            if not ONE_GROUP and not PREFETCH:
+                s, ce, co = _group_consts(s_ptr, z_ptr, c0 // GS, N, offs_n, N, BITS, HAS_ZEROS, USE_ASM, DT,
+                                          BLOCK_N)
+            a = _unpack_group(q, ce, co, s, gi * CPG // 2, CPG, BITS, USE_ASM, not SCALE_AFTER, DT)
+            xt = _load_x(x_rows, row_ok, perm_ptr, c0 + offs_g, Kx, stride_xk, HAS_PERM, EVEN_K)  # [BM, CPG*W]
+            if GROUP_PART:
+                acc += tl.dot(a, tl.trans(xt)) * s
+            else:
+                acc = tl.dot(a, tl.trans(xt), acc)
+    if ONE_GROUP and SCALE_AFTER:
+        acc = acc * s
+
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    if SPLIT:  # serial split-K: partial -> workspace; the last split of this tile reduces and stores
+        ws_off = (pid_k * M + offs_m)[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(ws_ptr + ws_off, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        lock = lock_ptr + pid_m * num_pid_n + pid_n
+        arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(1) - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for sp in range(0, tl.num_programs(1)):  # fixed order: deterministic sums
+                off = (sp * M + offs_m)[None, :].to(tl.int64) * N + offs_n[:, None]
+                total += tl.load(ws_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(lock, 0)  # ready for the next launch (and CUDA-graph replays)
+            _store_y(total, bias_ptr, y_ptr, offs_m, offs_n, offs_nc, stride_ym, mask, HAS_BIAS)
+    else:
+        _store_y(acc, bias_ptr, y_ptr, offs_m, offs_n, offs_nc, stride_ym, mask, HAS_BIAS)
+
+
+@triton.jit
+def _store_y(acc, bias_ptr, y_ptr, offs_m, offs_n, offs_nc, stride_ym, mask, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_nc).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]  # y^T view of [M, N]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def w4a16_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, stride_n, K_out, stride_on,
+                         BITS: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                         USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[n, c] = W[n, kernel column c] in out's dtype for c < K_out, one group-wide tile (>= 64 B a row) per store."""
+    P: tl.constexpr = 32 // BITS
+    KB: tl.constexpr = P * W
+    CPG: tl.constexpr = P if (GS == 0 or GS >= KB) else GS // W
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    kb = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nc = tl.minimum(offs_n, N - 1)
+    offs_w = tl.arange(0, W)
+    offs_g = tl.arange(0, CPG * W)
+    q = tl.load(qw_ptr + kb.to(tl.int64) * stride_n * W + offs_nc[:, None] * W + offs_w[None, :])
+    out_rows = out_ptr + offs_n.to(tl.int64)[:, None] * stride_on
+    for gi in tl.static_range(P // CPG):
+        c0 = kb * KB + gi * CPG * W
+        s, ce, co = _group_consts(s_ptr, z_ptr, c0 // GS if GS > 0 else 0, stride_n, offs_n, N, BITS, HAS_ZEROS,
+                                  USE_ASM, DT, BLOCK_N)
+        a = _unpack_group(q, ce, co, s, gi * CPG // 2, CPG, BITS, USE_ASM, True, DT)  # [BN, CPG * W]
+        cols = c0 + offs_g
+        tl.store(out_rows + cols[None, :], a, mask=(offs_n < N)[:, None] & (cols < K_out)[None, :])
+
+
+def w4a16_dequantize(w: W4A16Weights, dtype: torch.dtype, rows: tuple[int, int] | None = None,
+                     kernel_order: bool = False) -> torch.Tensor:
+    """W[n0:n1] in dtype: [rows, K] canonical column order, or with kernel_order [rows, Kp] (act-order: the
+    columns sorted by group, see w4a16_layout.py) which is what the dequant + cuBLAS path multiplies."""
+    n0, n1 = rows or (0, w.n)
+    k_out = w.k_pad if w.perm is not None else w.k
+    out = torch.empty((n1 - n0, k_out), dtype=dtype, device=w.qweight.device)
+    block_n = 64
+    grid = (triton.cdiv(n1 - n0, block_n), w.k_pad // w.block_k)
+    # a row range is a pointer offset: qweight [blocks, N, W] and scales [groups, N] keep their N strides
+    w4a16_dequant_kernel[grid](
+        w.qweight[:, n0:], w.scales[:, n0:], w.zeros[:, n0:] if w.zeros is not None else w.scales, out, n1 - n0,
+        w.n, k_out, out.stride(0), BITS=w.bits, W=w.words, GS=w.gk, HAS_ZEROS=w.zeros is not None,
+        USE_ASM=w.bits == 4 and not interpreting(), BLOCK_N=block_n, num_warps=4)
+    if w.perm is None or kernel_order:
+        return out
+    keep = w.perm >= 0
+    canonical = torch.empty((n1 - n0, w.k), dtype=dtype, device=out.device)
+    canonical[:, w.perm[keep].long()] = out[:, keep]
+    return canonical
+
+
+DEQUANT_CHUNK_ELEMS = 1 << 28  # 512 MB of 16-bit weights at a time: bounded workspace for big layers
+
+
+def _dequant_matmul(x2: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None) -> torch.Tensor:
+    """Large M: W in x.dtype, N-chunk by N-chunk, then cuBLAS into the matching columns of y."""
+    y = torch.empty((x2.shape[0], w.n), dtype=x2.dtype, device=x2.device)
+    if w.perm is not None:  # act-order: x columns in kernel order, padding columns read a zero column
+        x2 = torch.nn.functional.pad(x2, (0, 1))[:, torch.where(w.perm >= 0, w.perm, w.k)]
+    chunks = -(-w.n * w.k // DEQUANT_CHUNK_ELEMS)
+    rows = -(-w.n // chunks // 256) * 256  # even chunks of whole 256-row tiles: cuBLAS-friendly N
+    for n0 in range(0, w.n, rows):
+        n1 = min(w.n, n0 + rows)
+        wd = w4a16_dequantize(w, x2.dtype, (n0, n1), kernel_order=True)  # [n1 - n0, K or Kp]
+        out = y if n1 - n0 == w.n else y[:, n0:n1]  # a column slice: cuBLAS writes it with ldc = N
+        if bias is not None:
+            torch.addmm(bias[n0:n1].to(x2.dtype), x2, wd.t(), out=out)
+        else:
+            torch.mm(x2, wd.t(), out=out)
+    return y
+
+
+def _check(x: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None) -> None:
+    if not isinstance(w, W4A16Weights):
+        raise ValueError(f"w4a16_gemm: weights must come from w4a16_repack, got {type(w).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"w4a16_gemm: x dtype {x.dtype} is not supported; supported: {SUPPORTED_DTYPES}")
+    if x.dim() < 1 or x.shape[-1] != w.k:
+        raise ValueError(f"w4a16_gemm: x shape {tuple(x.shape)} must end in K={w.k}")
+    if x.device != w.qweight.device:
+        raise ValueError(f"w4a16_gemm: x is on {x.device}, weights on {w.qweight.device}")
+    if bias is not None:
+        if bias.shape != (w.n,) or bias.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"w4a16_gemm: bias must be [N={w.n}] fp16/bf16/fp32, got {bias.dtype} {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"w4a16_gemm: bias is on {bias.device}, x on {x.device}")
+
+
+def w4a16_gemm(x: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None = None,
+               config: dict | None = None) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ W^T (+ bias) in x.dtype; config (see w4a16_tune.py) overrides the choice by M."""
+    _check(x, w, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.k)
+    m = x2.shape[0]
+    if bias is not None:
+        bias = bias.contiguous()
+    if m == 0:
+        return x.new_empty((*lead, w.n))
+    cfg = config or select_config(w, m, x.dtype, x.device)
+    if cfg["path"] == "dequant":
+        return _dequant_matmul(x2, w, bias).reshape(*lead, w.n)
+    y = torch.empty((m, w.n), dtype=x.dtype, device=x.device)
+    block_n, block_m = cfg["BLOCK_N"], cfg["BLOCK_M"]
+    num_kb = w.k_pad // w.block_k
+    tiles = triton.cdiv(w.n, block_n) * triton.cdiv(m, block_m)
+    split = max(1, min(int(cfg.get("SPLIT_K", 1)), num_kb))
+    if tiles > w.locks.numel():
+        split = 1  # more tiles than split-K counters: large M needs no split
+    kb_per_split = triton.cdiv(num_kb, split)
+    split = triton.cdiv(num_kb, kb_per_split)  # no empty splits
+    ws = torch.empty((split, m, w.n), dtype=torch.float32, device=x.device) if split > 1 else y
+    w4a16_kernel[(tiles, split)](
+        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
+        w.perm if w.perm is not None else w.qweight, bias if bias is not None else y, y, ws, w.locks,
+        m, w.n, w.k, x2.stride(0), x2.stride(1), y.stride(0), num_kb, kb_per_split,
+        BITS=w.bits, W=w.words, GS=w.gk, HAS_ZEROS=w.zeros is not None, HAS_PERM=w.perm is not None,
+        HAS_BIAS=bias is not None, EVEN_K=w.k % w.block_k == 0, USE_ASM=cfg.get("asm", True) and w.bits == 4
+        and not interpreting(), SCALE_AFTER=cfg.get("SCALE_AFTER", True), SPLIT=split > 1,
+        BLOCK_N=block_n, BLOCK_M=block_m, GROUP_M=cfg.get("GROUP_M", 8),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    return y.reshape(*lead, w.n)

@@ -1,0 +1,226 @@
+"""w4a16 kernels vs the pure-torch reference (lowbit/kernels/reference.py).
+
+CPU: the Triton interpreter, fp16 only (its bf16 tl.dot is not trustworthy), small shapes. GPU (marker gpu):
+fp16 and bf16, the option matrix, odd shapes, large M, strided input, CUDA graphs, and the backend.
+Budget: the fp32-accumulated result vs the fp32 reference, tolerance growing with sqrt(K).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowbit.kernels import w4a16_tune as tune
+from lowbit.kernels.reference import dequantize_int, pack_int32, w4a16_gemm_ref
+from lowbit.kernels.w4a16 import w4a16_dequantize, w4a16_gemm
+from lowbit.kernels.w4a16_layout import w4a16_can_implement, w4a16_repack, w4a16_unpack
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def make(n, k, group, sym, act_order, bits=4, seed=0, device=DEV):
+    """Random canonical int weights: (qweight, scales fp32 (fp16-exact), zeros | None, g_idx | None, G)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = group if group > 0 else k
+    ng = math.ceil(k / g)
+    q = torch.randint(0, 2**bits, (n, k), generator=gen)
+    scales = (torch.rand(n, ng, generator=gen) * 0.02 / 2 ** (bits - 4) + 1e-3).half().float()
+    zeros = None if sym else torch.randint(0, 2**bits, (n, ng), generator=gen, dtype=torch.int32)
+    g_idx = None
+    if act_order:
+        perm = torch.randperm(k, generator=gen)
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(k) // g).int()
+    to = (lambda t: None if t is None else t.to(device))
+    return to(pack_int32(q, bits)), to(scales), to(zeros), to(g_idx), g
+
+
+def check(x, qw, scales, zeros, g_idx, bits, g, bias=None, config=None, w=None):
+    w = w or w4a16_repack(qw, scales, zeros, g_idx, bits, g, x.shape[-1])
+    y = w4a16_gemm(x, w, bias, config=config)
+    ref = w4a16_gemm_ref(x, qw, scales, zeros, g_idx, bits, g, bias)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    scale = ref.float().abs().max().item() + 1e-3
+    tol = (2e-3 if x.dtype == torch.float16 else 1e-2) * scale * max(1.0, math.sqrt(x.shape[-1] / 256))
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= tol, f"max abs err {err:.4g} > {tol:.4g} (|ref| max {scale:.3g})"
+    return y
+
+
+# ---- CPU (interpreter) -------------------------------------------------------------------------
+
+CPU_CASES = [  # M, N, K, G (0: per-channel), sym, act_order, bias
+    (1, 80, 256, 128, True, False, False),
+    (3, 72, 576, 128, False, False, True),  # SmolLM2: K=576, G=128 -> partial last group
+    (17, 64, 200, 32, True, False, False),
+    (3, 96, 320, 64, False, False, False),
+    (1, 64, 300, 0, True, False, True),
+    (17, 80, 384, 128, True, True, False),
+    (3, 64, 256, 32, False, True, True),
+]
+
+
+@pytest.mark.parametrize("m,n,k,g,sym,act,bias", CPU_CASES)
+def test_gemm_matches_reference(m, n, k, g, sym, act, bias):
+    qw, s, z, gi, g = make(n, k, g, sym, act, seed=m + n + k)
+    x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+    b = torch.randn(n, device=DEV, dtype=torch.float16) if bias else None
+    check(x, qw, s, z, gi, 4, g, b)
+
+
+@pytest.mark.parametrize("config", [
+    {"path": "fused", "BLOCK_N": 64, "BLOCK_M": 16, "SPLIT_K": 3, "SCALE_AFTER": True},  # split-K + lock reduce
+    {"path": "fused", "BLOCK_N": 64, "BLOCK_M": 32, "SPLIT_K": 2, "SCALE_AFTER": False},  # pre-scaled operand
+    {"path": "dequant"},
+])
+@pytest.mark.parametrize("act", [False, True])
+def test_paths_match_reference(config, act):
+    qw, s, z, gi, g = make(72, 456, 64, False, act, seed=3)
+    x = torch.randn(5, 456, device=DEV, dtype=torch.float16)
+    check(x, qw, s, z, gi, 4, g, torch.randn(72, device=DEV, dtype=torch.float16), config)
+
+
+def test_dequant_path_in_row_chunks(monkeypatch):
+    import lowbit.kernels.w4a16 as mod
+
+    monkeypatch.setattr(mod, "DEQUANT_CHUNK_ELEMS", 300 * 256)  # 600 rows x 256 -> 2 chunks of 512 and 88 rows
+    qw, s, z, gi, g = make(600, 256, 64, False, True, seed=5)
+    x = torch.randn(3, 256, device=DEV, dtype=torch.float16)
+    check(x, qw, s, z, gi, 4, g, torch.randn(600, device=DEV, dtype=torch.float16), {"path": "dequant"})
+
+
+def test_noncontiguous_and_batched_input():
+    qw, s, z, gi, g = make(64, 256, 128, True, False)
+    base = torch.randn(2, 3, 512, device=DEV, dtype=torch.float16)
+    x = base[..., ::2]  # [2, 3, 256], stride 2 along K
+    y = check(x, qw, s, z, gi, 4, g)
+    assert y.shape == (2, 3, 64)
+
+
+def test_int8_weights():
+    qw, s, z, gi, g = make(64, 192, 64, False, False, bits=8)
+    check(torch.randn(3, 192, device=DEV, dtype=torch.float16), qw, s, z, gi, 8, g)
+
+
+@pytest.mark.parametrize("k,g,sym,act", [(576, 128, False, False), (200, 32, True, False), (300, 0, True, False),
+                                         (256, 64, False, True)])
+def test_repack_round_trip_is_exact(k, g, sym, act):
+    qw, s, z, gi, g = make(40, k, g, sym, act)
+    w = w4a16_repack(qw, s, z, gi, 4, g, k)
+    q, s2, z2 = w4a16_unpack(w)
+    assert torch.equal(pack_int32(q, 4), qw)
+    assert torch.equal(s2.float(), s)
+    assert (z2 is None and z is None) or torch.equal(z2, z)
+    deq = w4a16_dequantize(w, torch.float16)  # the dequant kernel, canonical column order
+    assert torch.equal(deq, dequantize_int(qw, s, z, gi, 4, g, k).half())
+
+
+def test_errors_name_the_value_and_the_supported_set():
+    qw, s, z, gi, g = make(32, 128, 128, True, False)
+    w = w4a16_repack(qw, s, z, gi, 4, g, 128)
+    with pytest.raises(ValueError, match="float32.*supported"):
+        w4a16_gemm(torch.randn(2, 128, device=DEV), w)
+    with pytest.raises(ValueError, match="must end in K=128"):
+        w4a16_gemm(torch.randn(2, 64, device=DEV, dtype=torch.float16), w)
+    with pytest.raises(ValueError, match="bias must be"):
+        w4a16_gemm(torch.randn(2, 128, device=DEV, dtype=torch.float16), w, torch.zeros(7, device=DEV))
+    with pytest.raises(ValueError, match="group size 16 .* supported"):
+        w4a16_repack(*make(32, 128, 16, True, False)[:4], 4, 16, 128)
+    with pytest.raises(ValueError, match="bits=3 .* supported"):
+        w4a16_repack(qw, s, z, gi, 3, g, 128)
+    ok, reason = w4a16_can_implement(4, 96, 384, 32, False, False, torch.float16, DEV)
+    assert not ok and "96" in reason
+    assert w4a16_gemm(torch.randn(0, 128, device=DEV, dtype=torch.float16), w).shape == (0, 32)
+
+
+def test_config_lookup(tmp_path, monkeypatch):
+    qw, s, z, gi, g = make(64, 256, 128, True, False)
+    w = w4a16_repack(qw, s, z, gi, 4, g, 256)
+    assert [tune.bucket(m) for m in (1, 3, 16, 17, 20000)] == [1, 4, 16, 32, 16384]
+    assert tune.shape_key(w) == "64x256:int4"
+    assert tune.nearest({"1": {"a": 1}, "16": {"a": 16}, "4096": {"a": 4}}, 4)["a"] == 1
+    assert tune.nearest({"1": {"a": 1}, "16": {"a": 16}, "4096": {"a": 4}}, 8)["a"] == 16
+    assert tune.nearest({"1": {"a": 1}, "16": {"a": 16}, "4096": {"a": 4}}, 16384)["a"] == 4
+    for m in (1, 16, 64, 128, 4096):
+        cfg = tune.heuristic(w, m, DEV)
+        assert cfg["path"] in ("fused", "dequant")
+    for m in (1, 64, 1024):
+        assert tune.candidates(w, m, DEV)
+    fused = {"path": "fused", "BLOCK_N": 64, "BLOCK_M": 16, "SPLIT_K": 1, "SCALE_AFTER": True}
+    times = iter([2e-3, 1e-3])  # the second candidate "measures" faster
+    timer = lambda fn: (fn(), next(times))[1]  # noqa: E731
+    best = tune.autotune(w, 4, torch.float16, DEV, [fused, {"path": "dequant"}], timer=timer)
+    assert best == {"path": "dequant", "us": 1.0}
+    tune.save_user_config("testgpu", tune.shape_key(w), 4, best)  # $LOWBIT_CACHE is a temp dir in tests
+    tune.load_table.cache_clear()
+    assert tune.load_table("testgpu")["64x256:int4"]["4"]["path"] == "dequant"
+
+
+# ---- GPU ---------------------------------------------------------------------------------------
+
+GPU_OPTIONS = [  # N, K, G, sym, act_order
+    (4096, 4096, 128, True, False),
+    (1000, 576, 128, False, False),
+    (3000, 1000, 32, False, False),
+    (2048, 2048, 64, True, False),
+    (1536, 2112, 0, True, False),
+    (2048, 1024, 128, False, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,g,sym,act", GPU_OPTIONS)
+def test_gpu_option_matrix(dtype, n, k, g, sym, act):
+    qw, s, z, gi, g = make(n, k, g, sym, act)
+    w = w4a16_repack(qw, s, z, gi, 4, g, k)
+    for m in (1, 7, 300) if (n, k) != (4096, 4096) else (1, 7, 33, 64, 300):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        check(x, qw, s, z, gi, 4, g, torch.randn(n, device="cuda", dtype=dtype) if m == 7 else None, w=w)
+    check(x, qw, s, z, gi, 4, g, torch.randn(n, device="cuda", dtype=dtype), {"path": "dequant"}, w=w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_large_m_and_every_path(dtype):
+    qw, s, z, gi, g = make(2048, 4096, 128, False, False)
+    w = w4a16_repack(qw, s, z, gi, 4, g, 4096)
+    x = torch.randn(4096, 4096, device="cuda", dtype=dtype)
+    check(x, qw, s, z, gi, 4, g, w=w)
+    xs = x[:64]
+    small, large = tune.candidates(w, 16, "cuda"), tune.candidates(w, 4096, "cuda")
+    mid = {"path": "fused", "BLOCK_N": 128, "BLOCK_M": 128, "SPLIT_K": 3, "SCALE_AFTER": False, "num_warps": 8,
+           "num_stages": 3}
+    for cfg in small[:2] + small[-2:] + large + [mid]:
+        check(xs, qw, s, z, gi, 4, g, config=cfg, w=w)
+    check(x[:200], qw, s, z, gi, 4, g, config=mid, w=w)
+
+
+@pytest.mark.gpu
+def test_gpu_int8_and_strided_input():
+    qw, s, z, gi, g = make(1024, 2048, 128, False, False, bits=8)
+    x = torch.randn(9, 4096, device="cuda", dtype=torch.bfloat16)[:, ::2]
+    check(x, qw, s, z, gi, 8, g)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_and_replay():
+    qw, s, z, gi, g = make(4096, 4096, 128, True, False)
+    w = w4a16_repack(qw, s, z, gi, 4, g, 4096)
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
+    cfg = {"path": "fused", "BLOCK_N": 64, "BLOCK_M": 16, "SPLIT_K": 8, "SCALE_AFTER": True, "num_warps": 4,
+           "num_stages": 4}
+    w4a16_gemm(x, w, config=cfg)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = w4a16_gemm(x, w, config=cfg)
+    for seed in range(3):  # the split-K counters must be back at zero after each replay
+        x.copy_(torch.randn(4, 4096, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = w4a16_gemm_ref(x, qw, s, z, gi, 4, g)
+        assert (y.float() - ref.float()).abs().max().item() < 2e-2 * ref.float().abs().max().item()
+    assert int(w.locks.abs().sum()) == 0
