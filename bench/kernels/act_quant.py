@@ -1,0 +1,58 @@
+"""Activation quantization sweep: quantize_fp8 (4 granularities) and silu_mul_quantize_fp8 vs copy bandwidth.
+
+Bytes = 16-bit input read + e4m3 output written + scales (tensor_dynamic reads the input twice: amax pass,
+then quantize; counted once, so its fraction shows the cost of the second pass). pct_copy is the fraction
+of the device-to-device copy bandwidth (read + write) measured in the same run; the target is >= 70% at
+8192 x 7168. Peer: the eager torch reference (reference.quantize_fp8_ref; F.silu * up first for SiLU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import print_table, rooflines, save_section
+from bench.kernels.fp8 import copies_for, safe_us
+
+GRANS = ["tensor_static", "tensor_dynamic", "token", "token_group"]
+M_ALL = [1, 16, 128, 1024, 4096, 8192]
+CASES = [("quant", 7168), ("quant", 2048), ("quant", 16384), ("silu", 18432), ("silu", 2048)]  # (op, K or I)
+
+
+def bench_case(op, k, m, gran, roof, dtype=torch.bfloat16):
+    from lowbit.kernels.quant_act import quantize_fp8, silu_mul_quantize_fp8
+    from lowbit.kernels.reference import quantize_fp8_ref
+
+    width = 2 * k if op == "silu" else k
+    xs = [torch.randn(m, width, device="cuda", dtype=dtype) for _ in range(copies_for(2 * m * width, cap=8))]
+    scale = torch.tensor([0.05], device="cuda") if gran == "tensor_static" else None
+    if op == "silu":
+        us = safe_us([lambda x=x: silu_mul_quantize_fp8(x, gran, scale) for x in xs])
+        ref = safe_us([lambda x=x: quantize_fp8_ref(F.silu(x[:, :k]) * x[:, k:], gran, scale) for x in xs[:2]])
+    else:
+        us = safe_us([lambda x=x: quantize_fp8(x, gran, scale) for x in xs])
+        ref = safe_us([lambda x=x: quantize_fp8_ref(x, gran, scale) for x in xs[:2]])
+    n_scales = {"token": m, "token_group": m * (k // 128)}.get(gran, 1)
+    nbytes = 2 * m * width + m * k + 4 * n_scales
+    r = {"op": op, "M": m, "K": k, "gran": gran, "us": us, "torch_ref_us": ref}
+    if us:
+        r["GBps"] = nbytes / us / 1e3
+        r["pct_copy"] = 100 * r["GBps"] / roof["copy_GBps"]
+        r["x_torch"] = ref / us if ref else None
+    return r
+
+
+def main(args) -> None:
+    roof = rooflines()
+    print(f"rooflines: {roof}")
+    rows = []
+    for op, k in CASES[:2] + CASES[3:4] if args.quick else CASES:
+        for m in [1, 8192] if args.quick else M_ALL:
+            for gran in GRANS:
+                rows.append(bench_case(op, k, m, gran, roof))
+                r = rows[-1]
+                print(f"  {op} M={m} K={k} {gran}: {r['us']} us, {r.get('pct_copy') or 0:.0f}% of copy", flush=True)
+    print_table(rows, ["op", "M", "K", "gran", "us", "GBps", "pct_copy", "torch_ref_us", "x_torch"])
+    payload = {"rooflines": roof, "rows": rows, "quick": bool(args.quick), "dtype": "bfloat16",
+               "timing": "CUDA graph replay over rotated inputs"}
+    print("saved", save_section("act_quant", payload, args.out))

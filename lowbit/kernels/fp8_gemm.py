@@ -1,0 +1,261 @@
+"""w8a8 fp8 linear layers: repack once at load, then per call quantize x and pick the GEMM by M.
+
+y = dequant(xq) @ dequant(W)^T + bias, the math of reference.fp8_gemm_ref (fp32 accumulation).
+
+Canonical input (lowbit/scheme.py) -> what each candidate reads:
+| weight granularity | canonical weight_scale              | Fp8Weights                                           |
+|--------------------|-------------------------------------|------------------------------------------------------|
+| tensor             | [S], one per fused shard            | row_scale [N] (exact per shard); tensor_scale [1] when all shards agree |
+| channel            | [N] (or [N, 1])                     | row_scale [N]                                        |
+| block (BN x 128)   | [sum_s ceil(N_s/BN), ceil(K/128)]   | grid (as given) + grid_rows [N] int32 (grid row of each weight row, per shard) |
+weight stays e4m3 [N, K] row-major (cuBLAS reads weight.t(), the Triton kernels read rows).
+Fused layers: pass `shard_sizes` (the N_s); block grids may restart at every shard, partial edge blocks
+included. Static activation scales of fused shards must be max'ed by the caller into one input_scale.
+
+Candidates (`pick_candidate` chooses by M from configs/fp8_select.json, measured on H200):
+| name         | kernel                                             | serves                                     |
+|--------------|----------------------------------------------------|--------------------------------------------|
+| small_m      | fp8_small_m.py split-K, quantizes x in-kernel      | M <= 64, every scheme                      |
+| triton       | fp8_block.py (quantize_fp8 first)                  | every scheme (token_group needs G = 128)   |
+| cublas       | torch._scaled_mm, tensor-wise or row-wise          | tensor/channel weights, non-group acts, N, K % 16 == 0 |
+| cublas_block | F.scaled_mm BlockWise1x128 x BlockWise128x128      | 128x128 blocks aligned to the fused rows, token_group 128, M >= 16, K % 512 == 0 |
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from lowbit.kernels import fp8_block, fp8_small_m
+from lowbit.kernels.quant_act import GRANULARITIES, quantize_fp8
+
+FP8 = torch.float8_e4m3fn
+WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
+CANDIDATES = ("small_m", "triton", "cublas", "cublas_block")
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+FUSED_AMAX_MAX_ELEMS = 32768  # small_m computes dynamic token/tensor amax in-kernel up to M*K of this
+_DEFAULT_SELECT = {"small_m_max": 32, "cublas_block_min_m": 33, "cublas_min_m": 33}
+
+
+@functools.lru_cache(maxsize=None)
+def load_config(name: str) -> dict:
+    """configs/<name>.json written from bench/ measurements ({} when absent)."""
+    path = os.path.join(CONFIG_DIR, f"{name}.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+@dataclass
+class Fp8Weights:
+    weight: torch.Tensor  # [N, K] e4m3
+    granularity: str
+    n: int
+    k: int
+    shard_sizes: tuple[int, ...]
+    row_scale: torch.Tensor | None = None  # [N] fp32
+    tensor_scale: torch.Tensor | None = None  # [1] fp32
+    grid: torch.Tensor | None = None  # [R, ceil(K/128)] fp32
+    grid_rows: torch.Tensor | None = None  # [N] int32
+    cublas_grid: bool = False  # grid rows are the 128-row blocks of the fused weight (F.scaled_mm layout)
+    block: tuple[int, int] | None = None
+    counters: torch.Tensor | None = None  # [ceil(N/16)] int32 zeros, split-K tickets (small_m resets them)
+
+
+def _device_ok(device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        return (True, "") if cap >= (8, 9) else (False, f"fp8 MMA needs sm89+, this GPU is sm{cap[0]}{cap[1]}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, f"needs a CUDA GPU (sm89+), device is {device}"
+
+
+def fp8_can_implement(granularity: str, n: int, k: int, device, block=None) -> tuple[bool, str]:
+    if granularity not in WEIGHT_GRANULARITIES:
+        return False, f"fp8 weight granularity {granularity!r} is not supported; supported: {WEIGHT_GRANULARITIES}"
+    if n <= 0 or k <= 0:
+        return False, f"empty weight N={n}, K={k}"
+    if granularity == "block":
+        if block is None or len(block) != 2 or block[0] <= 0 or block[1] != fp8_block.BLOCK_K:
+            return False, f"block size {block} is not supported; supported: (BN, 128) with any BN > 0"
+    return _device_ok(device)
+
+
+def fp8_repack(weight: torch.Tensor, weight_scale: torch.Tensor, granularity: str, shard_sizes, block=None) -> Fp8Weights:
+    """Canonical fp8 tensors (scheme.py) -> Fp8Weights, once at load."""
+    if weight.dtype != FP8 or weight.dim() != 2:
+        raise ValueError(f"fp8_repack: weight must be float8_e4m3fn [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    shard_sizes = tuple(int(s) for s in shard_sizes) if shard_sizes else (n,)
+    if sum(shard_sizes) != n:
+        raise ValueError(f"fp8_repack: shard sizes {shard_sizes} do not add up to N={n}")
+    ok, why = fp8_can_implement(granularity, n, k, weight.device, block)
+    if not ok and "device" not in why and "GPU" not in why:
+        raise ValueError(f"fp8_repack: {why}")
+    dev = weight.device
+    w = Fp8Weights(weight.contiguous(), granularity, n, k, shard_sizes,
+                   counters=torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=dev))
+    scale = weight_scale.to(device=dev, dtype=torch.float32)
+    if granularity == "tensor":
+        if scale.numel() != len(shard_sizes):
+            raise ValueError(f"fp8_repack: per-tensor weight_scale has {scale.numel()} values for {len(shard_sizes)} shards")
+        scale = scale.reshape(-1)
+        w.row_scale = torch.cat([scale[i].expand(s) for i, s in enumerate(shard_sizes)]).contiguous()
+        if bool((scale == scale[0]).all()):
+            w.tensor_scale = scale[:1].contiguous()
+    elif granularity == "channel":
+        if scale.numel() != n:
+            raise ValueError(f"fp8_repack: per-channel weight_scale has {scale.numel()} values for N={n}")
+        w.row_scale = scale.reshape(n).contiguous()
+    else:
+        bn, bk = block
+        rows = [math.ceil(s / bn) for s in shard_sizes]
+        if tuple(scale.shape) != (sum(rows), math.ceil(k / bk)):
+            raise ValueError(f"fp8_repack: block weight_scale shape {tuple(scale.shape)}; shards {shard_sizes} with "
+                             f"block {tuple(block)} need ({sum(rows)}, {math.ceil(k / bk)})")
+        starts = torch.tensor([0] + rows[:-1], device=dev).cumsum(0)
+        w.grid_rows = torch.cat([starts[i] + torch.arange(s, device=dev) // bn
+                                 for i, s in enumerate(shard_sizes)]).to(torch.int32)
+        w.grid = scale.contiguous()
+        w.block = (bn, bk)
+        # cuBLAS indexes the grid by (n // 128): true when every shard but the last is whole 128-row blocks
+        w.cublas_grid = bn == 128 and all(s % 128 == 0 for s in shard_sizes[:-1])
+    return w
+
+
+def _cublas_ok(w: Fp8Weights, act: str, m: int, out_dtype) -> bool:
+    if not w.weight.is_cuda or w.n % 16 or w.k % 16:
+        return False
+    if w.granularity == "block":
+        return False
+    if act == "token_group":
+        return False
+    rowwise = w.tensor_scale is None or act == "token"
+    return not rowwise or out_dtype == torch.bfloat16  # cuBLAS row-wise scaling writes bf16 only
+
+
+CUBLAS_BLOCK_MIN_M = 16  # torch 2.11 probes (H100, H200): no cuBLASLt block-scaled algorithm for M = 1, 2, 7; 16-128 ran
+
+
+def _cublas_block_ok(w: Fp8Weights, act: str, m: int) -> bool:
+    return (w.weight.is_cuda and w.granularity == "block" and w.cublas_grid and act == "token_group"
+            and m >= CUBLAS_BLOCK_MIN_M and w.k % 512 == 0 and w.n % 16 == 0  # scale grid K/128 % 4 == 0
+            and hasattr(torch.nn.functional, "scaled_mm"))
+
+
+def pick_candidate(w: Fp8Weights, act: str, m: int, out_dtype=torch.bfloat16) -> str:
+    """The GEMM for M rows: measured thresholds in configs/fp8_select.json (defaults before measurement)."""
+    sel = {**_DEFAULT_SELECT, **load_config("fp8_select")}
+    if m <= sel["small_m_max"] or not w.weight.is_cuda:
+        return "small_m" if m <= fp8_small_m.MAX_M else "triton"
+    if _cublas_block_ok(w, act, m) and m >= sel["cublas_block_min_m"]:
+        return "cublas_block"
+    if _cublas_ok(w, act, m, out_dtype) and m >= sel["cublas_min_m"]:
+        return "cublas"
+    return "triton"
+
+
+_SMALL_MODES = {"tensor_static": fp8_small_m.A_STATIC, "token_group": fp8_small_m.A_DYN_GROUP,
+                "token": fp8_small_m.A_DYN_TOKEN, "tensor_dynamic": fp8_small_m.A_DYN_TENSOR}
+
+
+def _weight_args(w: Fp8Weights):
+    if w.granularity == "block":
+        return w.grid, w.grid_rows
+    return w.row_scale, None
+
+
+def fp8_linear(x: torch.Tensor, w: Fp8Weights, act_granularity: str, input_scale: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+               x_scale: torch.Tensor | None = None, ue8m0: bool = False, candidate: str | None = None,
+               tma: bool | None = None) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ W^T (+ bias). x 16/32-bit is quantized here per act_granularity (token_group:
+    G = 128; input_scale for tensor_static); x already e4m3 comes with x_scale (quantize_fp8's layout)."""
+    if act_granularity not in GRANULARITIES:
+        raise ValueError(f"fp8_linear: activation granularity {act_granularity!r} is not supported; "
+                         f"supported: {GRANULARITIES}")
+    if x.shape[-1] != w.k:
+        raise ValueError(f"fp8_linear: x has K={x.shape[-1]}, the weight K={w.k}")
+    pre = x.dtype == FP8
+    if pre and (x_scale is None or out_dtype is None):
+        raise ValueError("fp8_linear: e4m3 input needs x_scale and out_dtype")
+    if not pre and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"fp8_linear: x dtype {x.dtype} is not supported; supported: fp16, bf16, fp32, float8_e4m3fn")
+    if act_granularity == "tensor_static" and not pre and (input_scale is None or input_scale.numel() != 1):
+        raise ValueError("fp8_linear: tensor_static activations need a one-element input_scale (max over shards)")
+    if bias is not None and bias.shape != (w.n,):
+        raise ValueError(f"fp8_linear: bias shape {tuple(bias.shape)}, expected ({w.n},)")
+    out_dtype = out_dtype or x.dtype
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    cand = candidate or pick_candidate(w, act_granularity, m, out_dtype)
+    if cand not in CANDIDATES:
+        raise ValueError(f"fp8_linear: candidate {cand!r} is not supported; supported: {CANDIDATES}")
+    w_scale, w_rows = _weight_args(w)
+
+    if cand == "small_m":
+        if pre:
+            mode = fp8_small_m.A_FP8_GROUP if act_granularity == "token_group" else fp8_small_m.A_FP8_ROW
+            xs = x_scale
+        elif act_granularity in ("token", "tensor_dynamic") and m * w.k > FUSED_AMAX_MAX_ELEMS:
+            x2, xs = quantize_fp8(x2, act_granularity)
+            mode = fp8_small_m.A_FP8_ROW
+        else:
+            mode, xs = _SMALL_MODES[act_granularity], input_scale
+        cfg = load_config("fp8_small_m").get(f"{w.n}x{w.k}")
+        y = fp8_small_m.fp8_small_m(x2, xs, mode, w.weight, w_scale, w_rows, w.counters, w.n, w.k, bias=bias,
+                                    out_dtype=out_dtype, ue8m0=ue8m0, config=tuple(cfg) if cfg else None)
+        return y.reshape(*lead, w.n)
+
+    if pre:
+        xq, xs = x2, x_scale
+    else:
+        xq, xs = quantize_fp8(x2, act_granularity, input_scale, 128, ue8m0, column_major_scales=True)
+    if cand == "triton":
+        tuned = load_config("fp8_block")
+        y = fp8_block.fp8_block_gemm(xq, xs, act_granularity == "token_group", w.weight, w_scale, w_rows, w.n, w.k,
+                                     bias=bias, out_dtype=out_dtype, config=fp8_block.block_config(m, tuned),
+                                     tma=bool(tuned.get("tma", False)) if tma is None else tma)
+    elif cand == "cublas":
+        y = _cublas(xq, xs, w, act_granularity, bias, out_dtype)
+    else:
+        y = _cublas_block(xq, xs, w, bias, out_dtype)
+    return y.reshape(*lead, w.n)
+
+
+def _cublas(xq, xs, w: Fp8Weights, act, bias, out_dtype):
+    if not _cublas_ok(w, act, xq.shape[0], out_dtype):
+        raise ValueError(f"fp8_linear: cuBLAS cannot run {w.granularity} weights with {act} activations, "
+                         f"N={w.n}, K={w.k}, out {out_dtype}")
+    if w.tensor_scale is not None and act != "token":
+        y = torch._scaled_mm(xq, w.weight.t(), scale_a=xs.reshape(()), scale_b=w.tensor_scale.reshape(()),
+                             bias=bias, out_dtype=out_dtype)
+    else:
+        sa = xs.reshape(-1, 1).expand(xq.shape[0], 1).contiguous()  # [M, 1] fp32
+        y = torch._scaled_mm(xq, w.weight.t(), scale_a=sa, scale_b=w.row_scale.reshape(1, -1), bias=bias,
+                             out_dtype=out_dtype)
+    return y
+
+
+def _cublas_block(xq, xs, w: Fp8Weights, bias, out_dtype):
+    if not _cublas_block_ok(w, "token_group", xq.shape[0]):
+        raise ValueError(f"fp8_linear: cuBLAS block scaling cannot run N={w.n}, K={w.k}, M={xq.shape[0]}, "
+                         f"block {w.block} (needs 128x128 blocks on 128-row boundaries, K % 128 == 0, M > 1)")
+    F = torch.nn.functional
+    if xs.stride(0) != 1:  # cuBLAS wants the [M, K/128] activation scales column-major
+        xs = xs.t().contiguous().t()
+    y = F.scaled_mm(xq, w.weight.t(), xs, F.ScalingType.BlockWise1x128, w.grid.t(), F.ScalingType.BlockWise128x128,
+                    output_dtype=out_dtype)
+    return y if bias is None else y.add_(bias)

@@ -1,0 +1,192 @@
+"""Split-K fp8-weight GEMM for M <= 64 (decode), streaming weights at HBM bandwidth; quantizes x in-kernel.
+
+y^T [N, M] = sum over K-splits of W [N, K] @ xq^T [K, M]: the weight rows are the MMA's M side (BLOCK_N >= 16),
+the few tokens its N side (BLOCK_M = 16..64), so no MMA lane idles on padding rows of W. Scales as in
+fp8_block.py: per K-block of 128 (activation groups, weight block grids, int4 groups) inside the loop, per
+row / per tensor in the epilogue. With SPLIT > 1 each program stores an fp32 partial [BLOCK_M, BLOCK_N]; the
+last program of an N tile to arrive (ticket counter, acq_rel) sums the partials in split order
+(deterministic), writes y and resets its counter to 0, so no memset is launched. Every K-block's MMA result
+is added to the fp32 accumulator separately (sm90 fp8 MMAs keep ~14 bits while accumulating, fp8_block.py).
+In-kernel quantization multiplies by 1 / scale (quant_act.quantize_tile_rcp), so a code can differ from
+quantize_fp8 by one e4m3 step where x / s is within an fp32 ulp of a tie; the GEMM budgets absorb that.
+
+| A_MODE | x                         | activation scale                                               |
+|--------|---------------------------|----------------------------------------------------------------|
+| 0      | e4m3 [M, K] (quantized)   | xs [M] or [1] (stride 0): per token / per tensor               |
+| 1      | e4m3 [M, K] (quantized)   | xs [M, ceil(K/128)] per token group                            |
+| 2      | 16-bit [M, K]             | static: xs [1]; x * (1 / xs) rounded in-kernel                 |
+| 3      | 16-bit [M, K]             | dynamic token_group 128 computed per K-block in-kernel (UE8M0)  |
+| 4 / 5  | 16-bit [M, K]             | dynamic token / tensor: an amax prologue reads the whole x     |
+Weights: e4m3 [N, K] or int4 words [ceil(K/128), N, 16]; weight scale [N] or grid + rb (fp8_block.py).
+Workspace: part fp32 [SPLIT, BLOCK_M, N] (torch.empty per call), counters int32 [>= ceil(N/BLOCK_N)] zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels.fp8_block import BLOCK_K, load_w_tile
+from lowbit.kernels.quant_act import fp8_scale, quantize_tile_rcp, soft_cast
+
+A_FP8_ROW, A_FP8_GROUP, A_STATIC, A_DYN_GROUP, A_DYN_TOKEN, A_DYN_TENSOR = range(6)
+MAX_M = 64
+
+
+@triton.jit
+def _x_tile(x_ptr, xs_ptr, offs_m, mask_m, k0, K, stride_xm, stride_xsm, stride_xsk, sa_row,
+            A_MODE: tl.constexpr, UE8M0: tl.constexpr, SOFT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x K-block [BLOCK_M, BLOCK_K] as e4m3 and its per-K scale [BLOCK_M] (1 where the scale is per row)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    mask = mask_m[:, None] & (kk[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask, other=0.0)
+    if A_MODE == 0:
+        xq, sa = x, sa_row
+    elif A_MODE == 1:
+        xq = x
+        sa = tl.load(xs_ptr + offs_m * stride_xsm + (k0 // BLOCK_K) * stride_xsk, mask=mask_m, other=0.0)
+    elif A_MODE == 3:
+        xf = x.to(tl.float32)
+        sa = fp8_scale(tl.max(tl.abs(xf), axis=1), UE8M0)
+        xq = quantize_tile_rcp(xf, (1.0 / sa)[:, None], SOFT)
+    else:
+        xq, sa = quantize_tile_rcp(x.to(tl.float32), (1.0 / sa_row)[:, None], SOFT), sa_row
+    return xq, sa
+
+
+@triton.jit(do_not_specialize=["M"])
+def fp8_small_m_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, rb_ptr, bias_ptr, part_ptr, cnt_ptr, y_ptr,
+    M, N, K, k_split, n_split,  # k_split: K per split, a multiple of BLOCK_K; n_split: number of splits
+    stride_xm, stride_xsm, stride_xsk, stride_wn, stride_wk, stride_wsr, stride_ym,
+    A_MODE: tl.constexpr, UE8M0: tl.constexpr, B_GRID: tl.constexpr, W_INT4: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SOFT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n, mask_m = offs_n < N, offs_m < M
+
+    # per-token / per-tensor activation scale [BLOCK_M] (all ones where it is per K-block)
+    sa_row = tl.full([BLOCK_M], 1.0, tl.float32)
+    if A_MODE == 0:
+        sa_row = tl.load(xs_ptr + offs_m * stride_xsm, mask=mask_m, other=1.0)
+    elif A_MODE == 2:
+        sa_row = tl.load(xs_ptr) + tl.zeros([BLOCK_M], tl.float32)
+    elif A_MODE >= 4:  # dynamic: amax over the whole row (4) or all rows (5); x is small when M is
+        amax = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K),
+                         other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
+        if A_MODE == 5:
+            amax = tl.max(amax, axis=0) + tl.zeros([BLOCK_M], tl.float32)
+        sa_row = fp8_scale(amax, False)
+    if B_GRID:
+        sw_rows = ws_ptr + tl.load(rb_ptr + offs_n, mask=mask_n, other=0) * stride_wsr
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        w = load_w_tile(w_ptr, offs_n, k0, N, K, stride_wn, stride_wk, W_INT4, BLOCK_N, BLOCK_K)  # [BN, BK]
+        xq, sa = _x_tile(x_ptr, xs_ptr, offs_m, mask_m, k0, K, stride_xm, stride_xsm, stride_xsk, sa_row,
+                         A_MODE, UE8M0, SOFT, BLOCK_K)
+        if (A_MODE == 1) or (A_MODE == 3) or B_GRID:  # scales change every K-block
+            part = tl.dot(w, tl.trans(xq))  # [BN, BM]
+            if B_GRID:
+                sb = tl.load(sw_rows + k0 // BLOCK_K, mask=mask_n, other=0.0)
+                if (A_MODE == 1) or (A_MODE == 3):
+                    acc += part * (sb[:, None] * sa[None, :])
+                else:
+                    acc += part * sb[:, None]
+            else:
+                acc += part * sa[None, :]
+        else:
+            acc += tl.dot(w, tl.trans(xq))  # promoted every K-block (fp8 MMA accumulation is ~14-bit, fp8_block.py)
+
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    y_mask = mask_n[:, None] & mask_m[None, :]
+    if SPLIT:
+        # partial to the workspace; the last program of this N tile reduces in split order
+        p_ptrs = part_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(p_ptrs + pid_k * BLOCK_M * N, acc, mask=mask_n[:, None])
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_split - 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(0, n_split):
+                acc += tl.load(p_ptrs + s * BLOCK_M * N, mask=mask_n[:, None], other=0.0, cache_modifier=".cg")
+            acc = _epilogue(acc, sa_row, ws_ptr, bias_ptr, offs_n, mask_n, A_MODE, B_GRID, HAS_BIAS)
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next launch
+    else:
+        acc = _epilogue(acc, sa_row, ws_ptr, bias_ptr, offs_n, mask_n, A_MODE, B_GRID, HAS_BIAS)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _epilogue(acc, sa_row, ws_ptr, bias_ptr, offs_n, mask_n,
+              A_MODE: tl.constexpr, B_GRID: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if (A_MODE != 1) and (A_MODE != 3):
+        acc = acc * sa_row[None, :]
+    if not B_GRID:
+        acc = acc * tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    return acc
+
+
+def small_m_config(n: int, k: int, sms: int = 132, tuned: dict | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_N, splits, num_warps, num_stages): ~3 programs per SM streaming 128-row weight tiles; the best
+    configs of bench/kernels/fp8.py `tune` (H100 and H200, fp8 and int4 weights, DeepSeek-V3 shapes) follow it."""
+    if tuned and f"{n}x{k}" in tuned:
+        return tuple(tuned[f"{n}x{k}"])
+    kb = triton.cdiv(k, BLOCK_K)
+    block_n = 128 if n >= 1024 else 64 if n >= 256 else 32
+    tiles = triton.cdiv(n, block_n)
+    splits = max(1, min(16, kb // 2, round(3 * sms / tiles)))
+    return block_n, splits, 8, 3
+
+
+def fp8_small_m(x: torch.Tensor, x_scale: torch.Tensor | None, a_mode: int, w: torch.Tensor, w_scale: torch.Tensor,
+                w_rows: torch.Tensor | None, counters: torch.Tensor, n: int, k: int, w_int4: bool = False,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, ue8m0: bool = False,
+                config: tuple | None = None) -> torch.Tensor:
+    """y [M, N] for M <= 64 (see the table); callers validate the weights (fp8_gemm.py, w4a8.py)."""
+    m = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1 or m > MAX_M:
+        raise ValueError(f"fp8_small_m: x must be [M <= {MAX_M}, {k}] with unit stride along K, got "
+                         f"{tuple(x.shape)} strides {x.stride()}")
+    if (x.dtype == torch.float8_e4m3fn) != (a_mode in (A_FP8_ROW, A_FP8_GROUP)):
+        raise ValueError(f"fp8_small_m: x dtype {x.dtype} does not fit activation mode {a_mode}")
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+    block_n, splits, warps, stages = config or small_m_config(n, k, sms)
+    block_m = max(16, triton.next_power_of_2(m))
+    kb = triton.cdiv(k, BLOCK_K)
+    k_split = triton.cdiv(kb, splits) * BLOCK_K
+    splits = triton.cdiv(k, k_split)  # no empty splits
+    tiles = triton.cdiv(n, block_n)
+    if splits > 1 and counters.numel() < tiles:
+        raise ValueError(f"fp8_small_m: {counters.numel()} split-K counters for {tiles} tiles of {block_n} rows")
+    part = torch.empty((splits, block_m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
+    xs = x_scale if x_scale is not None else y
+    if a_mode == A_FP8_GROUP:
+        stride_xsm, stride_xsk = xs.stride(0), xs.stride(1)
+    else:
+        stride_xsm, stride_xsk = (xs.stride(0) if a_mode == A_FP8_ROW and xs.numel() > 1 else 0), 0
+    stride_wn, stride_wk = (w.stride(1), w.stride(0)) if w_int4 else (w.stride(0), w.stride(1))
+    fp8_small_m_kernel[(tiles, splits)](
+        x, xs, w, w_scale, w_rows if w_rows is not None else w_scale, bias if bias is not None else y, part,
+        counters, y, m, n, k, k_split, splits, x.stride(0), stride_xsm, stride_xsk, stride_wn, stride_wk,
+        w_scale.stride(0) if w_rows is not None else 0, y.stride(0),
+        A_MODE=a_mode, UE8M0=ue8m0, B_GRID=w_rows is not None, W_INT4=w_int4, HAS_BIAS=bias is not None,
+        SPLIT=splits > 1, SOFT=soft_cast(), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=BLOCK_K,
+        num_warps=warps, num_stages=stages)
+    return y

@@ -1,0 +1,264 @@
+"""Activation quantization to fp8 e4m3 (Triton), plus a fused SiLU-and-mul + quantize for the MLP.
+
+Math (identical to reference.quantize_fp8_ref, so results are bitwise equal):
+    s  = max(amax / 448, 1e-12)            amax over the tensor / the token / the 1 x G group
+    s  = 2^ceil(log2 s)                    token_group with ue8m0 (DeepSeek-V3.1 power-of-two scales)
+    xq = e4m3_rne(clamp(x / s, -448, 448)) IEEE division (div_rn), round to nearest even, saturating
+silu_mul_quantize_fp8 quantizes h = silu(gate) * up, rounded to x.dtype after the SiLU and after the
+product, exactly as the unfused `F.silu(gate) * up` in the model dtype would be (the exp of the SiLU may
+differ from torch's in the last fp32 bit, so h - and through the scale the fp8 codes - can differ by 1 ulp).
+
+| granularity    | x                  | xq           | scale (fp32)                                  |
+|----------------|--------------------|--------------|-----------------------------------------------|
+| tensor_static  | [M, K] 16/32-bit   | [M, K] e4m3  | [1] (the given scale)                         |
+| tensor_dynamic | [M, K]             | [M, K] e4m3  | [1]                                           |
+| token          | [M, K]             | [M, K] e4m3  | [M, 1]                                        |
+| token_group    | [M, K]             | [M, K] e4m3  | [M, ceil(K/G)] (column_major_scales: strides (1, M), what the GEMMs read) |
+silu_mul_quantize_fp8 takes x [M, 2I] = gate | up and returns xq [M, I] with the scales above for K = I.
+
+Under TRITON_INTERPRET the CPU interpreter's fp32 -> e4m3 cast does not round correctly, so the kernels
+build the e4m3 bits with integer arithmetic there (SOFT_CAST); on the GPU the hardware cvt.rn.satfinite.
+The jit helpers `fp8_scale` and `quantize_tile_rcp` are shared with the GEMM kernels that quantize in-kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8 = torch.float8_e4m3fn
+GRANULARITIES = ("tensor_static", "tensor_dynamic", "token", "token_group")
+_IN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# launch shapes as data: elements per program ~ 8K keeps 16-byte loads in flight on every SM
+ROWS_MAX_SINGLE_K = 16384  # up to this K a token row is read once (amax and quantize from registers)
+ROWS_BLOCK_K_LOOP = 4096  # beyond it: two passes over BLOCK_K chunks (the second mostly hits L2)
+GROUP_TILE_ELEMS = 4096  # token_group programs cover BLOCK_M x BLOCK_G groups of G
+
+
+def soft_cast() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def e4m3_rne(v, SOFT: tl.constexpr):
+    """fp32 in [-448, 448] -> float8e4nv, round to nearest even (integer path for the interpreter)."""
+    if SOFT:
+        u = v.to(tl.int32, bitcast=True)
+        a = tl.abs(v)
+        ua = a.to(tl.int32, bitcast=True)
+        # normal range: round the fp32 mantissa to 3 bits (carry ripples into the exponent), rebias 127 -> 7
+        r = (ua + 0x7FFFF + ((ua >> 20) & 1)) & -1048576
+        normal = (r >> 20) - 960
+        # subnormal range (< 2^-6): multiples of 2^-9, rounded to even by the 2^23 trick
+        sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+        code = tl.where(a < 0.015625, sub, normal) | (((u >> 31) & 1) << 7)
+        out = code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    else:
+        out = v.to(tl.float8e4nv)
+    return out
+
+
+# torch divides by a Python scalar as x * fp32(1/448) on CUDA and with IEEE division on the CPU; the scale
+# follows the reference on each device, so kernel and reference scales are bitwise equal on both
+TORCH_CPU_DIV = tl.constexpr(soft_cast())
+
+
+@triton.jit
+def fp8_scale(amax, UE8M0: tl.constexpr):
+    """amax (fp32, >= 0) -> scale = max(amax / 448, 1e-12), optionally rounded up to a power of two."""
+    if TORCH_CPU_DIV:
+        s = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1e-12)
+    else:
+        s = tl.maximum(amax * 0.002232142857142857, 1e-12)  # fp32(1 / 448)
+    if UE8M0:
+        # exact ceil to a power of two: bump the exponent when any mantissa bit is set
+        s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    return s
+
+
+@triton.jit
+def quantize_tile(xf, s, SOFT: tl.constexpr):
+    """xf fp32 [..], s fp32 broadcastable -> e4m3(clamp(xf / s, -448, 448)). Callers put 1.0 in masked-off lanes:
+    a zero dividend takes the IEEE division's slow path (padding rows cost 2-3x on H100)."""
+    q = tl.math.div_rn(xf, s + tl.zeros_like(xf))
+    return e4m3_rne(tl.minimum(tl.maximum(q, -448.0), 448.0), SOFT)
+
+
+@triton.jit
+def quantize_tile_rcp(xf, inv_s, SOFT: tl.constexpr):
+    """e4m3(clamp(xf * (1 / s))) for the GEMMs that quantize x in-kernel: an fp32 multiply instead of the IEEE
+    division, whose slow path (zero dividends: the padding rows of M < 16) doubled the M = 1 time on H100/H200.
+    Codes can differ from quantize_fp8 by one e4m3 step where x / s lies within an fp32 ulp of a tie."""
+    return e4m3_rne(tl.minimum(tl.maximum(xf * inv_s, -448.0), 448.0), SOFT)
+
+
+@triton.jit
+def _load_act(ptrs, mask, half, SILU: tl.constexpr):
+    """x tile as fp32; SILU: silu(x[.., :I]) * x[.., I:] with the model-dtype roundings of the unfused op."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if SILU:
+        up = tl.load(ptrs + half, mask=mask, other=0.0)
+        g = x.to(tl.float32)
+        act = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(x.dtype).to(tl.float32)
+        h = (act * up.to(tl.float32)).to(x.dtype).to(tl.float32)
+    else:
+        h = x.to(tl.float32)
+    return h
+
+
+@triton.jit
+def quant_fp8_rows_kernel(
+    x_ptr, y_ptr, s_ptr, amax_ptr,  # x [M, K or 2K], y [M, K] e4m3, s: [1] (static) / [M] (token, out) / [1] (dyn, out)
+    M, K, stride_xm, stride_xk, stride_ym, stride_sm,
+    MODE: tl.constexpr,  # 0 static scale, 1 tensor_dynamic (scale from the global amax), 2 token
+    SILU: tl.constexpr, SINGLE: tl.constexpr, SOFT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    y_rows = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym
+    half = K * stride_xk  # offset of the up half for SILU
+    if MODE == 0:
+        s = tl.load(s_ptr) + tl.zeros([BLOCK_M], tl.float32)
+    elif MODE == 1:
+        s = fp8_scale(tl.load(amax_ptr) + tl.zeros([BLOCK_M], tl.float32), False)
+        if pid == 0:
+            tl.store(s_ptr, tl.max(s, axis=0))
+    if SINGLE:  # the whole row in registers: one read
+        mask = mask_m[:, None] & (offs_k[None, :] < K)
+        h = _load_act(x_rows + offs_k[None, :] * stride_xk, mask, half, SILU)
+        if MODE == 2:
+            s = fp8_scale(tl.max(tl.abs(h), axis=1), False)  # [BLOCK_M]
+            tl.store(s_ptr + offs_m * stride_sm, s, mask=mask_m)
+        tl.store(y_rows + offs_k[None, :], quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT), mask=mask)
+    else:
+        if MODE == 2:  # pass 1: amax of each row
+            amax = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mask = mask_m[:, None] & (k0 + offs_k[None, :] < K)
+                h = _load_act(x_rows + (k0 + offs_k[None, :]) * stride_xk, mask, half, SILU)
+                amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
+            s = fp8_scale(amax, False)
+            tl.store(s_ptr + offs_m * stride_sm, s, mask=mask_m)
+        for k0 in range(0, K, BLOCK_K):
+            mask = mask_m[:, None] & (k0 + offs_k[None, :] < K)
+            h = _load_act(x_rows + (k0 + offs_k[None, :]) * stride_xk, mask, half, SILU)
+            tl.store(y_rows + k0 + offs_k[None, :], quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT), mask=mask)
+
+
+@triton.jit
+def quant_fp8_groups_kernel(
+    x_ptr, y_ptr, s_ptr,  # x [M, K or 2K], y [M, K] e4m3, s [M, ceil(K/G)] with strides (stride_sm, stride_sg)
+    M, K, stride_xm, stride_xk, stride_ym, stride_sm, stride_sg,
+    G: tl.constexpr, UE8M0: tl.constexpr, SILU: tl.constexpr, SOFT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_k = offs_g[None, :, None] * G + tl.arange(0, G)[None, None, :]  # [1, BLOCK_G, G]
+    mask = (offs_m[:, None, None] < M) & (offs_k < K)
+    rows = offs_m[:, None, None].to(tl.int64)
+    h = _load_act(x_ptr + rows * stride_xm + offs_k * stride_xk, mask, K * stride_xk, SILU)  # [BM, BG, G]
+    s = fp8_scale(tl.max(tl.abs(h), axis=2), UE8M0)  # [BM, BG]
+    s_mask = (offs_m[:, None] < M) & (offs_g[None, :] * G < K)
+    tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_g[None, :] * stride_sg, s, mask=s_mask)
+    tl.store(y_ptr + rows * stride_ym + offs_k, quantize_tile(tl.where(mask, h, 1.0), s[:, :, None], SOFT), mask=mask)
+
+
+@triton.jit
+def amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, stride_xk,
+                SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """amax over [M, K] (of h for SILU) into amax_ptr[0] (zeroed by the caller), one atomic per program."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+    h = _load_act(ptrs, mask, K * stride_xk, SILU)
+    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(h), axis=1), axis=0))
+
+
+def _check(x: torch.Tensor, granularity: str, scale, group_size: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{what}: x must be a 2-D tensor [M, K], got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in _IN_DTYPES:
+        raise ValueError(f"{what}: x dtype {x.dtype} is not supported; supported: {_IN_DTYPES}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"{what}: granularity {granularity!r} is not supported; supported: {GRANULARITIES}")
+    if granularity == "tensor_static":
+        if scale is None or scale.numel() != 1:
+            raise ValueError(f"{what}: tensor_static needs a one-element scale, got {None if scale is None else scale.shape}")
+        if scale.device != x.device:
+            raise ValueError(f"{what}: scale is on {scale.device}, x on {x.device}")
+    if granularity == "token_group" and (group_size < 16 or group_size & (group_size - 1)):
+        raise ValueError(f"{what}: group_size {group_size} is not supported; supported: powers of two >= 16")
+
+
+def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, silu):
+    m = x.shape[0]
+    y = torch.empty((m, k), dtype=FP8, device=x.device)
+    soft = soft_cast()
+    if granularity == "token_group":
+        ng = math.ceil(k / group_size)
+        s = torch.empty((ng, m), dtype=torch.float32, device=x.device).t() if column_major_scales else \
+            torch.empty((m, ng), dtype=torch.float32, device=x.device)
+        if m == 0 or k == 0:
+            return y, s
+        block_g = min(triton.next_power_of_2(ng), max(1, GROUP_TILE_ELEMS // group_size))
+        block_m = max(1, GROUP_TILE_ELEMS // (block_g * group_size))
+        grid = (triton.cdiv(m, block_m), triton.cdiv(ng, block_g))
+        quant_fp8_groups_kernel[grid](x, y, s, m, k, x.stride(0), x.stride(1), y.stride(0), s.stride(0), s.stride(1),
+                                      G=group_size, UE8M0=ue8m0, SILU=silu, SOFT=soft, BLOCK_M=block_m,
+                                      BLOCK_G=block_g, num_warps=4)
+        return y, s
+    single = k <= ROWS_MAX_SINGLE_K
+    block_k = max(16, triton.next_power_of_2(k)) if single else ROWS_BLOCK_K_LOOP
+    block_m = max(1, 2048 // block_k)
+    num_warps = max(4, min(16, block_k // 512))
+    amax = s_out = None
+    if granularity == "tensor_static":
+        mode, s_out = 0, scale.reshape(1).to(torch.float32)
+    elif granularity == "tensor_dynamic":
+        mode, s_out = 1, torch.empty(1, dtype=torch.float32, device=x.device)
+        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+        if m and k:
+            bk = min(block_k, 4096)
+            bm = max(1, 4096 // bk)
+            amax_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](x, amax, m, k, x.stride(0), x.stride(1),
+                                                                  SILU=silu, BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
+        else:
+            s_out.fill_(1e-12)
+    else:
+        mode, s_out = 2, torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return y, s_out
+    quant_fp8_rows_kernel[(triton.cdiv(m, block_m),)](
+        x, y, s_out, amax if amax is not None else s_out, m, k, x.stride(0), x.stride(1), y.stride(0),
+        s_out.stride(0) if mode == 2 else 0, MODE=mode, SILU=silu, SINGLE=single, SOFT=soft,
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
+    return y, s_out
+
+
+def quantize_fp8(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = None, group_size: int = 128,
+                 ue8m0: bool = False, column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] e4m3, scale); the contract of reference.quantize_fp8_ref (ue8m0: token_group only)."""
+    _check(x, granularity, scale, group_size, "quantize_fp8")
+    return _quantize(x, x.shape[1], granularity, scale, group_size, ue8m0, column_major_scales, silu=False)
+
+
+def silu_mul_quantize_fp8(x_gate_up: torch.Tensor, granularity: str, scale: torch.Tensor | None = None,
+                          group_size: int = 128, ue8m0: bool = False,
+                          column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, 2I] = gate | up -> quantize_fp8(silu(gate) * up) as (xq [M, I] e4m3, scale)."""
+    _check(x_gate_up, granularity, scale, group_size, "silu_mul_quantize_fp8")
+    if x_gate_up.shape[1] % 2:
+        raise ValueError(f"silu_mul_quantize_fp8: x has an odd last dim {x_gate_up.shape[1]}; expected gate|up halves")
+    return _quantize(x_gate_up, x_gate_up.shape[1] // 2, granularity, scale, group_size, ue8m0, column_major_scales,
+                     silu=True)

@@ -1,0 +1,76 @@
+"""The `triton_fp8` backend: w8a8 fp8 Linear layers (per-tensor, per-channel and block-wise weights) on sm89+.
+
+Repacks once (kernels/fp8_gemm.fp8_repack) and per call quantizes x as the scheme says and runs the GEMM that
+kernels/fp8_gemm.pick_candidate measured fastest for that M: lowbit's split-K Triton kernel for decode, the
+Triton block GEMM, or cuBLAS (torch._scaled_mm tensor-/row-wise, F.scaled_mm block-wise 1x128 x 128x128).
+
+| layer tensor (Fp8Method)       | what the backend keeps                                             |
+|--------------------------------|--------------------------------------------------------------------|
+| weight e4m3 [N, K]             | layer.fp8_weights: Fp8Weights (weight shared, scales re-laid)      |
+| weight_scale (see scheme.py)   | inside Fp8Weights                                                  |
+| input_scale [S] (static acts)  | layer.fp8_input_scale [1] = max over the fused shards              |
+w8a16_fp8 (16-bit activations) is not served: its math keeps x unquantized, so an fp8 GEMM would change the
+results; the `reference` backend (dequantize once + cuBLAS 16-bit) is the right path for it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import HAS_TRITON
+from lowbit.layers.selection import register
+from lowbit.scheme import QuantScheme
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FAMILIES = ("w8a8_fp8", "w8a8_fp8_block")
+
+
+def scheme_ok(scheme: QuantScheme) -> tuple[bool, str]:
+    """Activation settings the fp8 kernels implement (shared with the w4a8 backend)."""
+    if scheme.act_dtype != "fp8_e4m3":
+        return False, f"activations are {scheme.act_dtype}; this backend quantizes them to fp8 e4m3"
+    if scheme.act_granularity == "token_group" and scheme.act_group_size != 128:
+        return False, f"activation group size {scheme.act_group_size} is not supported; supported: 128"
+    if scheme.ue8m0_scales and scheme.act_granularity != "token_group":
+        return False, "ue8m0 activation scales apply to token_group activations only"
+    return True, ""
+
+
+class Fp8TritonBackend:
+    name = "triton_fp8"
+    families = FAMILIES
+    min_capability = (8, 9)
+    tests = "tests/kernels/test_fp8_gemm.py"
+
+    def can_implement(self, scheme, shape, device, dtype):
+        if not HAS_TRITON:
+            return False, "triton is not installed"
+        if scheme.name not in FAMILIES:
+            return False, f"scheme {scheme.name} is not supported; supported: {FAMILIES}"
+        if dtype not in DTYPES:
+            return False, f"activation dtype {dtype} is not supported; supported: {DTYPES}"
+        ok, reason = scheme_ok(scheme)
+        if not ok:
+            return ok, reason
+        from lowbit.kernels.fp8_gemm import fp8_can_implement
+
+        return fp8_can_implement(scheme.weight_granularity, shape.n, shape.k, device, scheme.block_size)
+
+    def prepare(self, layer) -> None:
+        from lowbit.kernels.fp8_gemm import fp8_repack
+
+        scheme = layer.quant_method.scheme
+        layer.fp8_weights = fp8_repack(layer.weight.data, layer.weight_scale.data, scheme.weight_granularity,
+                                       layer.output_sizes, scheme.block_size)
+        # fused shards share one activation: the largest static scale covers every shard (scheme.py)
+        layer.fp8_input_scale = layer.input_scale.data.max().reshape(1).float() if scheme.static_input_scale else None
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from lowbit.kernels.fp8_gemm import fp8_linear
+
+        scheme = layer.quant_method.scheme
+        return fp8_linear(x, layer.fp8_weights, scheme.act_granularity, layer.fp8_input_scale, bias=bias,
+                          out_dtype=x.dtype, ue8m0=scheme.ue8m0_scales)
+
+
+TRITON_FP8 = register(Fp8TritonBackend())

@@ -1,0 +1,66 @@
+"""The `triton_w4a8` backend: int4 group-128 symmetric weights x fp8 e4m3 activations on sm89+ (ModelOpt
+W4A8-AWQ with static per-tensor activation scales, DeepSeek W4AFP8, dynamic token-group 128 activations).
+
+| layer tensor (IntWeightMethod)  | what the backend keeps                                              |
+|---------------------------------|---------------------------------------------------------------------|
+| qweight int32 [N, ceil(K/8)]    | layer.w4a8_weights: W4A8Weights (K-block-major words, kernels/w4a8.py) |
+| scales [N, ceil(K/128)]         | inside W4A8Weights (fp32)                                           |
+| input_scale [S] (static acts)   | layer.w4a8_input_scale [1] = max over the fused shards              |
+| pre_quant_scale [K] (optional)  | used as is: x * pre_quant_scale before quantizing x                 |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import HAS_TRITON
+from lowbit.layers.backends.fp8_triton import DTYPES, scheme_ok
+from lowbit.layers.selection import register
+
+
+class W4A8TritonBackend:
+    name = "triton_w4a8"
+    families = ("w4a8",)
+    min_capability = (8, 9)
+    tests = "tests/kernels/test_w4a8.py"
+
+    def can_implement(self, scheme, shape, device, dtype):
+        if not HAS_TRITON:
+            return False, "triton is not installed"
+        if scheme.weight_dtype != "int4":
+            return False, f"weight dtype {scheme.weight_dtype} is not supported; supported: int4"
+        if not scheme.symmetric:
+            return False, "asymmetric int4 (zero points) is not supported; supported: symmetric (zero = 8)"
+        if scheme.act_order:
+            return False, "act-order (g_idx) is not supported with fp8 activations"
+        if dtype not in DTYPES:
+            return False, f"activation dtype {dtype} is not supported; supported: {DTYPES}"
+        ok, reason = scheme_ok(scheme)
+        if not ok:
+            return ok, reason
+        from lowbit.kernels.w4a8 import w4a8_can_implement
+
+        return w4a8_can_implement(scheme.effective_group(shape.k), shape.n, shape.k, device)
+
+    def prepare(self, layer) -> None:
+        from lowbit.kernels.w4a8 import w4a8_repack
+
+        scheme = layer.quant_method.scheme
+        if layer.zeros is not None or layer.g_idx is not None:
+            raise NotImplementedError(f"{layer.prefix}: triton_w4a8 needs symmetric int4 without g_idx")
+        k = layer.in_features
+        layer.w4a8_weights = w4a8_repack(layer.qweight.data, layer.scales.data, scheme.effective_group(k), k)
+        layer.w4a8_input_scale = layer.input_scale.data.max().reshape(1).float() if scheme.static_input_scale else None
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from lowbit.kernels.w4a8 import w4a8_linear
+
+        scheme = layer.quant_method.scheme
+        smoothing = getattr(layer, "pre_quant_scale", None)
+        if smoothing is not None:
+            x = x * smoothing  # in the model dtype, as the reference backend does
+        return w4a8_linear(x, layer.w4a8_weights, scheme.act_granularity, layer.w4a8_input_scale, bias=bias,
+                           out_dtype=x.dtype, ue8m0=scheme.ue8m0_scales)
+
+
+TRITON_W4A8 = register(W4A8TritonBackend())

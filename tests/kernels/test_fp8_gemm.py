@@ -1,0 +1,220 @@
+"""fp8 GEMMs (small-M split-K, Triton block GEMM, cuBLAS candidates) vs reference.fp8_gemm_ref.
+
+fp8 x fp8 products are exact in fp32, so kernel and reference differ only in summation order and where the
+scales multiply: relative error budget 2e-6 * sqrt(K / 128) for fp32 output (a wrong scale or index is O(1)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowbit.kernels import fp8_small_m
+from lowbit.kernels import reference as ref
+from lowbit.kernels.fp8_gemm import fp8_can_implement, fp8_linear, fp8_repack, pick_candidate
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK = (128, 128)
+
+
+def _weights(n, k, gran, shards, device=DEV, seed=0, block=BLOCK):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+    if gran == "tensor":
+        s = torch.rand(len(shards), generator=g) * 1e-3 + 1e-4
+    elif gran == "channel":
+        s = torch.rand(n, generator=g) * 1e-3 + 1e-4
+    else:
+        rows = sum(math.ceil(x / block[0]) for x in shards)
+        s = torch.rand(rows, math.ceil(k / block[1]), generator=g) * 1e-3 + 1e-4
+    return w.to(device), s.to(device)
+
+
+def _x(m, k, dtype, device=DEV, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.linspace(0.1, 3.0, k)
+    if m > 2:
+        x[1] = 0  # zero row
+    return x.to(dtype).to(device)
+
+
+def _static(device=DEV):
+    return torch.tensor([0.01], device=device)
+
+
+def _expected(x, w, s, gran, shards, act, out_dtype, bias=None, block=BLOCK):
+    scale = _static(x.device) if act == "tensor_static" else None
+    xq, xs = ref.quantize_fp8_ref(x, act, scale)
+    wd = ref.dequantize_fp8(w, s, gran, list(shards), block)
+    return ref.fp8_gemm_ref(xq, xs, act, wd, torch.float32, bias)
+
+
+def _check(y, y_ref, k, out_dtype, what=""):
+    assert torch.isfinite(y).all()
+    err = ((y.float() - y_ref).norm() / y_ref.norm().clamp(min=1e-30)).item()
+    budget = 2e-6 * math.sqrt(max(k, 128) / 128) if out_dtype == torch.float32 else 8e-3
+    assert err < budget, f"{what}: relative error {err:.3g} over budget {budget:.3g}"
+
+
+def _run(m, n, k, shards, gran, act, cand, out_dtype=torch.float32, x_dtype=torch.float16, bias=False,
+         device=DEV, block=BLOCK):
+    w, s = _weights(n, k, gran, shards, device, block=block)
+    W = fp8_repack(w, s, gran, shards, block)
+    x = _x(m, k, x_dtype, device)
+    b = torch.randn(n, device=device).to(out_dtype) if bias else None
+    y = fp8_linear(x, W, act, _static(device) if act == "tensor_static" else None, bias=b, out_dtype=out_dtype,
+                   candidate=cand)
+    assert y.shape == (m, n) and y.dtype == out_dtype
+    _check(y, _expected(x, w, s, gran, shards, act, out_dtype, b.float() if bias else None, block), k, out_dtype)
+
+
+# (M, N, K, shards, weight granularity, activation granularity, candidate): every granularity, every
+# activation mode, both Triton kernels; N, K not multiples of 128, M = 1, odd M, fused shards with partial blocks
+CPU_CASES = [
+    (1, 192, 576, [192], "block", "token_group", "small_m"),
+    (5, 200, 300, [72, 128], "block", "token_group", "triton"),
+    (3, 200, 300, [72, 128], "block", "tensor_static", "small_m"),
+    (1, 96, 256, [32, 64], "tensor", "tensor_static", "small_m"),
+    (7, 96, 256, [32, 64], "tensor", "tensor_dynamic", "triton"),
+    (2, 80, 200, [80], "channel", "token", "small_m"),
+    (9, 80, 200, [80], "channel", "token", "triton"),
+    (4, 80, 200, [80], "channel", "tensor_dynamic", "small_m"),
+    (70, 64, 130, [64], "channel", "token_group", "triton"),
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "-".join(map(str, (c[0], c[1], c[2], c[4], c[5], c[6]))))
+def test_fp8_linear_cpu(case):
+    m, n, k, shards, gran, act, cand = case
+    _run(m, n, k, shards, gran, act, cand)
+
+
+def test_small_m_split_k_and_counters_reset():
+    n, k = 100, 1000
+    w, s = _weights(n, k, "block", [n])
+    W = fp8_repack(w, s, "block", [n], BLOCK)
+    x = _x(3, k, torch.float16)
+    y_ref = _expected(x, w, s, "block", [n], "token_group", torch.float32)
+    for _ in range(2):  # the second launch relies on the counters the first one reset
+        y = fp8_small_m.fp8_small_m(x, None, fp8_small_m.A_DYN_GROUP, W.weight, W.grid, W.grid_rows, W.counters, n, k,
+                                    out_dtype=torch.float32, config=(32, 3, 4, 2))
+        _check(y, y_ref, k, torch.float32)
+        assert int(W.counters.abs().sum()) == 0
+
+
+def test_prequantized_input_bias_and_leading_dims():
+    n, k = 64, 256
+    w, s = _weights(n, k, "block", [n])
+    W = fp8_repack(w, s, "block", [n], BLOCK)
+    x = _x(6, k, torch.float32)
+    xq, xs = ref.quantize_fp8_ref(x, "token_group")
+    b = torch.randn(n, device=DEV)
+    y_ref = ref.fp8_gemm_ref(xq, xs, "token_group", ref.dequantize_fp8(w, s, "block", [n], BLOCK), torch.float32, b)
+    for cand in ("small_m", "triton"):
+        y = fp8_linear(xq.view(2, 3, k), W, "token_group", bias=b, out_dtype=torch.float32, x_scale=xs, candidate=cand)
+        assert y.shape == (2, 3, n)
+        _check(y.reshape(6, n), y_ref, k, torch.float32)
+
+
+def test_noncontiguous_input_and_fp16_out():
+    n, k = 64, 256
+    w, s = _weights(n, k, "channel", [n])
+    W = fp8_repack(w, s, "channel", [n])
+    x = _x(8, 2 * k, torch.float16)[::2, ::2]  # strided in both dims
+    y = fp8_linear(x, W, "token", out_dtype=torch.float16, candidate="small_m")
+    _check(y, _expected(x, w, s, "channel", [n], "token", torch.float16), k, torch.float16)
+
+
+def test_repack_block_rows_per_shard():
+    w, s = _weights(200, 300, "block", [72, 128])
+    W = fp8_repack(w, s, "block", [72, 128], BLOCK)
+    assert W.grid_rows.tolist() == [0] * 72 + [1] * 128
+    assert not W.cublas_grid  # shard 0 ends inside a 128-row block
+    assert fp8_repack(*_weights(256, 256, "block", [128, 128]), "block", [128, 128], BLOCK).cublas_grid
+
+
+def test_repack_and_linear_errors():
+    w, s = _weights(64, 256, "block", [64])
+    with pytest.raises(ValueError, match="shape"):
+        fp8_repack(w, s[:, :1], "block", [64], BLOCK)
+    with pytest.raises(ValueError, match="shard sizes"):
+        fp8_repack(w, s, "block", [32], BLOCK)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_repack(w.float(), s, "block", [64], BLOCK)
+    with pytest.raises(ValueError, match="block size"):
+        fp8_repack(w, s, "block", [64], (128, 64))
+    with pytest.raises(ValueError, match="per-tensor"):
+        fp8_repack(w, torch.ones(3, device=DEV), "tensor", [64])
+    W = fp8_repack(w, s, "block", [64], BLOCK)
+    with pytest.raises(ValueError, match="granularity"):
+        fp8_linear(torch.zeros(1, 256, device=DEV), W, "channel")
+    with pytest.raises(ValueError, match="K="):
+        fp8_linear(torch.zeros(1, 255, device=DEV), W, "token")
+    with pytest.raises(ValueError, match="input_scale"):
+        fp8_linear(torch.zeros(1, 256, device=DEV), W, "tensor_static")
+    with pytest.raises(ValueError, match="candidate"):
+        fp8_linear(torch.zeros(1, 256, device=DEV), W, "token", candidate="cutlass")
+    assert not fp8_can_implement("group", 64, 64, DEV)[0]
+    assert "block size" in fp8_can_implement("block", 64, 64, DEV, (128, 32))[1]
+
+
+def test_pick_candidate_by_m():
+    W = fp8_repack(*_weights(64, 256, "block", [64]), "block", [64], BLOCK)
+    assert pick_candidate(W, "token_group", 1) == "small_m"
+    if DEV == "cpu":
+        assert pick_candidate(W, "token_group", 4096) == "triton"
+
+
+# ---- GPU: hardware paths, every scheme x candidate, odd shapes, bf16/fp16, CUDA graphs -------------------
+
+GPU_SHAPES = [(1, 2112, 7168, [1536, 576]), (7, 576, 7168, [576]), (16, 4096, 7168, [4096]),
+              (33, 192, 576, [192]), (300, 2112, 7168, [1536, 576]), (1000, 7168, 2048, [7168])]
+GPU_SCHEMES = [("block", "token_group"), ("channel", "token"), ("tensor", "tensor_static"),
+               ("tensor", "tensor_dynamic"), ("block", "tensor_static")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}")
+@pytest.mark.parametrize("scheme", GPU_SCHEMES, ids=lambda s: f"{s[0]}-{s[1]}")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fp8_linear(shape, scheme, out_dtype):
+    m, n, k, shards = shape
+    gran, act = scheme
+    w, s = _weights(n, k, gran, shards, "cuda")
+    W = fp8_repack(w, s, gran, shards, BLOCK)
+    x = _x(m, k, out_dtype, "cuda")
+    y_ref = _expected(x, w, s, gran, shards, act, out_dtype)
+    cands = ["triton"] + (["small_m"] if m <= 64 else [])
+    if gran != "block" and act != "token_group" and n % 16 == 0 and k % 16 == 0 and (
+            out_dtype == torch.bfloat16 or (W.tensor_scale is not None and act != "token")):
+        cands.append("cublas")
+    if gran == "block" and act == "token_group" and W.cublas_grid and k % 512 == 0 and m >= 16:
+        cands.append("cublas_block")
+    cands.append(None)  # the selection helper's choice
+    for cand, tma in [(c, None) for c in cands] + [("triton", True)]:
+        y = fp8_linear(x, W, act, _static("cuda") if act == "tensor_static" else None, out_dtype=out_dtype,
+                       candidate=cand, tma=tma)
+        _check(y, y_ref, k, out_dtype, f"candidate {cand} tma {tma}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cand", ["small_m", "triton", "cublas_block", "cublas"])
+def test_gpu_cuda_graph(cand):
+    gran, act = ("channel", "token") if cand == "cublas" else ("block", "token_group")
+    m = 4 if cand == "small_m" else 64
+    n, k = 2112, 7168
+    w, s = _weights(n, k, gran, [n], "cuda")
+    W = fp8_repack(w, s, gran, [n], BLOCK)
+    x = _x(m, k, torch.bfloat16, "cuda")
+    fp8_linear(x, W, act, candidate=cand)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp8_linear(x, W, act, candidate=cand)
+    for seed in (3, 4):  # replays see new inputs; split-K counters must be back at zero each time
+        x.copy_(_x(m, k, torch.bfloat16, "cuda", seed=seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(y, _expected(x, w, s, gran, [n], act, torch.bfloat16), k, torch.bfloat16)
+    assert int(W.counters.abs().sum()) == 0

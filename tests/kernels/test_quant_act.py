@@ -1,0 +1,171 @@
+"""Activation quantization kernels vs reference.quantize_fp8_ref: bitwise equal codes and scales.
+
+The kernels divide with IEEE rounding (div_rn) and round to nearest even like torch's cast, so the math is
+identical and codes must match exactly. The fused SiLU-and-mul differs from torch's F.silu only in the exp
+(last fp32 bit), so there codes may differ by one e4m3 ulp on a few elements.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels.quant_act import quantize_fp8, silu_mul_quantize_fp8
+from lowbit.kernels.reference import quantize_fp8_ref
+
+GRANS = ["tensor_static", "tensor_dynamic", "token", "token_group"]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _codes(q: torch.Tensor) -> torch.Tensor:
+    """e4m3 bits -> signed ordinal (adjacent representable values differ by 1)."""
+    b = q.view(torch.uint8).to(torch.int32)
+    return torch.where(b >= 128, -(b & 127), b)
+
+
+def _data(m, k, dtype, device=DEV, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # spread magnitudes over 6 decades so subnormals, saturation of static scales and every binade appear
+    x = torch.randn(m, k, generator=g) * torch.logspace(-4, 2, k)[torch.randperm(k, generator=g)]
+    x = x.to(dtype)
+    if m > 2:
+        x[2] = 0  # an all-zero row: scale clamps at 1e-12
+    return x.to(device)
+
+
+def _static_scale(device=DEV):
+    return torch.tensor([0.05], device=device)  # saturates the large entries at +-448
+
+
+def _check_exact(x, gran, ue8m0=False, column_major=False):
+    scale = _static_scale(x.device) if gran == "tensor_static" else None
+    q, s = quantize_fp8(x, gran, scale, 128, ue8m0, column_major_scales=column_major)
+    qr, sr = quantize_fp8_ref(x, gran, scale, 128, ue8m0)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    assert s.shape == sr.shape and s.dtype == torch.float32
+    assert torch.equal(s, sr), (s - sr).abs().max()
+    mism = (q.view(torch.uint8) != qr.view(torch.uint8)).sum().item()
+    assert mism == 0, f"{mism} codes differ"
+
+
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_exact_small(gran, dtype):
+    _check_exact(_data(5, 300, dtype), gran)  # odd M, K not a multiple of 128 (partial group)
+
+
+@pytest.mark.parametrize("gran", ["token", "token_group"])
+def test_quantize_m1_and_two_pass_rows(gran):
+    _check_exact(_data(1, 576, torch.float16), gran)
+    if gran == "token":
+        _check_exact(_data(2, 16500, torch.float16), gran)  # K over the single-pass limit: two passes
+
+
+def test_quantize_ue8m0_and_column_major_scales():
+    x = _data(3, 1000, torch.float16)
+    _check_exact(x, "token_group", ue8m0=True)
+    q, s = quantize_fp8(x, "token_group", ue8m0=True, column_major_scales=True)
+    assert s.stride() == (1, 3)
+    s_ref = quantize_fp8_ref(x, "token_group", ue8m0=True)[1]
+    assert torch.equal(s, s_ref)
+    assert torch.equal(torch.log2(s), torch.log2(s).round())  # powers of two
+
+
+def test_quantize_noncontiguous_input():
+    base = _data(6, 700, torch.float32)
+    x = base[::2, 50:650]  # row stride 1400, column offset
+    assert not x.is_contiguous()
+    for gran in GRANS:
+        _check_exact(x, gran)
+    xt = _data(260, 4, torch.float32).t()  # unit row stride, column stride 4
+    _check_exact(xt, "token_group")
+
+
+def test_quantize_saturates_and_zero_rows():
+    x = torch.tensor([[1000.0, -1000.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]], device=DEV)
+    q, s = quantize_fp8(x, "tensor_static", torch.tensor([1.0], device=DEV))
+    assert q[0, :2].float().tolist() == [448.0, -448.0]
+    q, s = quantize_fp8(x, "token")
+    assert s[1].item() == pytest.approx(1e-12) and torch.all(q[1].float() == 0)
+
+
+def test_quantize_empty():
+    q, s = quantize_fp8(torch.zeros(0, 256, device=DEV), "token_group")
+    assert q.shape == (0, 256) and s.shape == (0, 2)
+
+
+def test_quantize_errors():
+    x = torch.zeros(2, 8, device=DEV)
+    with pytest.raises(ValueError, match="granularity"):
+        quantize_fp8(x, "channel")
+    with pytest.raises(ValueError, match="dtype"):
+        quantize_fp8(x.to(torch.int32), "token")
+    with pytest.raises(ValueError, match="tensor_static"):
+        quantize_fp8(x, "tensor_static")
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_fp8(x[0], "token")
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_fp8(x, "token_group", group_size=100)
+    with pytest.raises(ValueError, match="odd"):
+        silu_mul_quantize_fp8(torch.zeros(2, 7, device=DEV), "token")
+
+
+def _check_silu(x, gran):
+    i = x.shape[1] // 2
+    scale = _static_scale(x.device) if gran == "tensor_static" else None
+    q, s = silu_mul_quantize_fp8(x, gran, scale)
+    h = F.silu(x[:, :i]) * x[:, i:]  # the unfused op in the model dtype
+    qr, sr = quantize_fp8_ref(h, gran, scale)
+    assert q.shape == (x.shape[0], i) and s.shape == sr.shape
+    torch.testing.assert_close(s, sr, rtol=2e-2, atol=0)
+    diff = (_codes(q) - _codes(qr)).abs()
+    assert diff.max().item() <= 1
+    assert diff.float().mean().item() < 0.02
+
+
+@pytest.mark.parametrize("gran", GRANS)
+def test_silu_mul_quantize(gran):
+    x = torch.randn(3, 2 * 200, generator=torch.Generator().manual_seed(1)).to(torch.float16).to(DEV) * 3
+    _check_silu(x, gran)
+
+
+# ---- GPU: hardware cvt path, large shapes, bf16, CUDA graphs -------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 7168), (33, 2112), (517, 576), (64, 18432)])
+def test_gpu_quantize_exact(gran, dtype, shape):
+    _check_exact(_data(*shape, dtype, device="cuda"), gran)
+
+
+@pytest.mark.gpu
+def test_gpu_quantize_ue8m0_large():
+    _check_exact(_data(300, 7168, torch.bfloat16, device="cuda"), "token_group", ue8m0=True, column_major=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_silu_mul_quantize(gran, dtype):
+    x = torch.randn(77, 2 * 2048, device="cuda").to(dtype) * 3
+    _check_silu(x, gran)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gran", GRANS)
+def test_gpu_quantize_cuda_graph(gran):
+    x = _data(16, 7168, torch.bfloat16, device="cuda")
+    scale = _static_scale("cuda") if gran == "tensor_static" else None
+    quantize_fp8(x, gran, scale)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q, s = quantize_fp8(x, gran, scale)
+    x.copy_(_data(16, 7168, torch.bfloat16, device="cuda", seed=5))
+    graph.replay()
+    torch.cuda.synchronize()
+    qr, sr = quantize_fp8_ref(x, gran, scale)
+    assert torch.equal(s.reshape(sr.shape), sr)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
