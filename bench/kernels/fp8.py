@@ -2,12 +2,15 @@
 
 Times come from CUDA-graph replays of several calls, each on its own copy of the weights (>= 3x L2 of
 distinct bytes), so small-M numbers are HBM numbers, not L2 ones and not launch gaps. Columns:
-  us          lowbit's GEMM alone (M <= 16: the fused quantize + split-K kernel from 16-bit x; else the GEMM
-              the selection picks on pre-quantized x)          TFLOPs / GBps / pct_hbm / pct_fp8_peak of it
+  us          lowbit's GEMM alone (small_m where it quantizes in-kernel: the fused kernel from 16-bit x; else the
+              GEMM the selection picks on pre-quantized x)     TFLOPs / GBps / pct_hbm / pct_fp8_peak of it
   pct_cublas  cuBLAS fp8 tensor-wise time / lowbit time (>= 0.85 is the block-wise target at M >= 2048)
   e2e_us      fp8_linear from 16-bit x (activation quantization included), vs bf16_us (cuBLAS bf16)
 Also per M: each candidate forced (triton / cublas_block / small_m) for the selection table.
-`tune(out)` sweeps kernel configs (used once to write lowbit/kernels/configs/fp8_*.json).
+`tune(out)` sweeps kernel configs (used once to write lowbit/kernels/configs/fp8_*.json); `split_k_sweep` and
+`retime` (python -m bench.kernels.fp8 sweep | retime) time the split-K kernel for M = 1..256 against its peers and
+wrote configs/fp8_small_m.json and the thresholds of fp8_select.json; `warm_bench` compiles main()'s kernels in
+parallel processes first. Over 500 lines because the tuning passes stay beside the benchmark whose timing they share.
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ QUICK_SHAPES = [(2112, 7168), (4096, 7168), (7168, 16384)]
 ROTATE_BYTES = 160 * 2**20  # distinct bytes per graph: > 3x the 50 MB L2 of an H100
 
 
+_WARM = False  # compile-only pass (warm_bench workers): every timed callable runs once, nothing is timed
+
+
 def copies_for(nbytes: int, cap: int = 16) -> int:
+    if _WARM:
+        return 1
     return max(1, min(cap, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
 
@@ -69,6 +77,9 @@ def graph_us(fns: list, min_calls: int = 12, reps: int = 5) -> float:
 
 def safe_us(fns) -> float | None:
     try:
+        if _WARM:
+            fns[0]()
+            return None
         return graph_us(fns)
     except Exception as exc:  # a candidate that cannot run this shape: recorded as missing
         print(f"    skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
@@ -112,7 +123,7 @@ def _row(shape_name, n, k, m, us, e2e_us, bf16_us, cublas_us, cand, roof, extra)
 
 
 def bench_shape(n, k, ms, roof, shape_name, dtype=torch.bfloat16):
-    from lowbit.kernels.fp8_gemm import fp8_linear, pick_candidate
+    from lowbit.kernels.fp8_gemm import fp8_linear, fuses_quant, pick_candidate
     from lowbit.kernels.quant_act import quantize_fp8
 
     sets = fp8_weight_sets(n, k, copies_for(n * k))
@@ -126,7 +137,7 @@ def bench_shape(n, k, ms, roof, shape_name, dtype=torch.bfloat16):
         bf16_us = safe_us([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
         cublas_us = safe_us([lambda s=s: torch._scaled_mm(xqt, s["w"].t(), one, one, out_dtype=dtype) for s in sets])
         cand = pick_candidate(sets[0]["block"], "token_group", m, dtype)
-        if cand == "small_m":  # the fused kernel: quantization is inside the GEMM
+        if cand == "small_m" and fuses_quant(sets[0]["block"], "token_group", m):  # quantization inside the GEMM
             us = safe_us([lambda s=s: fp8_linear(x, s["block"], "token_group") for s in sets])
             e2e = us
         else:
@@ -135,7 +146,7 @@ def bench_shape(n, k, ms, roof, shape_name, dtype=torch.bfloat16):
             e2e = safe_us([lambda s=s: fp8_linear(x, s["block"], "token_group") for s in sets])
         extra = {}
         for forced in (["triton"] if m > 16 else []) + (["cublas_block"] if m >= 16 else []) + (
-                ["small_m"] if 16 < m <= 64 else []):
+                ["small_m"] if 16 < m <= 256 else []):
             extra[f"{forced}_us"] = safe_us([lambda s=s, c=forced: fp8_linear(
                 xq, s["block"], "token_group", x_scale=xs, out_dtype=dtype, candidate=c) for s in sets])
         for scheme, act in (("channel", "token"), ("tensor", "tensor_static")):
@@ -144,6 +155,8 @@ def bench_shape(n, k, ms, roof, shape_name, dtype=torch.bfloat16):
             extra[f"{scheme}_cand"] = pick_candidate(sets[0][scheme], act, m, dtype)
         rows.append(_row(shape_name, n, k, m, us, e2e, bf16_us, cublas_us, cand, roof, extra))
         r = rows[-1]
+        if _WARM:
+            continue
         print(f"  {shape_name} M={m}: {cand} {us} us ({r.get('pct_cublas') or 0:.0f}% of cuBLAS fp8, "
               f"{r.get('pct_hbm') or 0:.0f}% HBM), e2e {e2e} us, bf16 {bf16_us} us", flush=True)
     del sets, bf16
@@ -367,3 +380,264 @@ def probe(out_dir: str) -> dict:
     with open(os.path.join(out_dir, "probe.json"), "w") as f:
         json.dump(res, f, indent=1)
     return res
+
+
+# ---- split-K sweep (small and mid M; results become configs/fp8_small_m.json and fp8_select.json) ----------
+
+SWEEP_SHAPES = QUICK_SHAPES + [s for v in SHAPES.values() for s in v if s not in QUICK_SHAPES]
+WS_SMALL = ((4, 3), (4, 4), (4, 6), (8, 3), (8, 4))
+WS_MID = ((4, 3), (8, 3), (8, 4))
+
+
+def _splits_for(k, ctas_per_split, targets, sms=132):
+    kb = math.ceil(k / 128)
+    return sorted({max(1, min(kb, 32, round(t * sms / ctas_per_split))) for t in targets})
+
+
+def sweep_jobs(shapes=None) -> list[tuple]:
+    """(priority, n, k, m, a_mode, cfg) for the split-K kernel; a_mode 3 = fused token_group, 1 = pre-quantized."""
+    jobs = []
+    for rank, (n, k) in enumerate(shapes or SWEEP_SHAPES):
+        for m in (1, 16):
+            for bn in (32, 64, 128):
+                for s in _splits_for(k, math.ceil(n / bn), (1, 2, 3, 4, 6)):
+                    for w, st in WS_SMALL:
+                        if bn == 32 and w == 8:
+                            continue
+                        jobs.append((rank, n, k, m, 3, (bn, s, w, st)))
+        for m in (32, 64, 128, 256):
+            caps = [c for c in (32, 64, 128) if c <= max(32, m)]
+            for mode in ((3, 1) if m <= 64 else (1,)):
+                for bn in (64, 128):
+                    for cap in (caps if mode == 1 else [min(m, 64)]):
+                        tiles = math.ceil(n / bn) * math.ceil(m / min(cap, m))
+                        for s in _splits_for(k, tiles, (1, 2, 3)):
+                            for w, st in WS_MID:
+                                if bn * min(cap, m) >= 16384 and w == 4:
+                                    continue
+                                jobs.append((rank + 0.5, n, k, m, mode, (bn, s, w, st, cap)))
+    return sorted(jobs, key=lambda j: j[0])
+
+
+def _sweep_worker(args):
+    """Compile only (fills the on-disk Triton cache for the timed pass); one process per slice of jobs."""
+    jobs, idx, dev = args
+    import torch as _t
+
+    from lowbit.kernels import fp8_small_m
+    from lowbit.kernels.quant_act import quantize_fp8
+
+    cache = {}
+    for _, n, k, m, mode, cfg in jobs:
+        if (n, k) not in cache:
+            cache.clear()
+            cache[(n, k)] = fp8_weight_sets(n, k, 1, dev)[0]["block"]
+        W = cache[(n, k)]
+        x = _t.randn(m, k, device=dev, dtype=_t.bfloat16)
+        xs = None
+        if mode == 1:
+            x, xs = quantize_fp8(x, "token_group", column_major_scales=True)
+        try:
+            fp8_small_m.fp8_small_m(x, xs, mode, W.weight, W.grid, W.grid_rows, W.counters, n, k, config=cfg)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  warm {n}x{k} M={m} mode {mode} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+    if dev == "cuda":
+        _t.cuda.synchronize()
+    return idx
+
+
+def split_k_sweep(out_dir: str, budget_s: float = 140, workers: int = 12, shapes=None, old_module=None,
+                  wait_for: str | None = None, jobs: list | None = None, dev: str = "cuda", peers: bool = True) -> dict:
+    """Time every split-K config of sweep_jobs (compiled first in `workers` processes), the peers per (shape, M)
+    (cuBLAS bf16, cuBLAS fp8 tensor-wise and block-wise, the Triton block GEMM, quantize_fp8) and, given the
+    committed kernel as old_module, its configs; stops starting shapes after budget_s. Writes fp8_sweep.json.
+    wait_for: a file whose appearance the timed pass waits for (GPU tests sharing the compile phase)."""
+    import importlib.util
+    import multiprocessing as mp
+
+    want_peers = peers
+
+    from lowbit.kernels import fp8_small_m
+    from lowbit.kernels.fp8_gemm import fp8_linear, load_config
+    from lowbit.kernels.quant_act import quantize_fp8
+
+    t0 = time.time()
+    jobs = jobs or sweep_jobs(shapes)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        for _ in pool.imap_unordered(_sweep_worker, [(jobs[i::workers], i, dev) for i in range(workers)]):
+            pass
+    print(f"compiled {len(jobs)} jobs in {time.time() - t0:.0f} s", flush=True)
+    while wait_for and not os.path.exists(wait_for) and time.time() - t0 < budget_s:
+        time.sleep(1)
+    print(f"timing from {time.time() - t0:.0f} s", flush=True)
+    old = None
+    if old_module and os.path.exists(old_module):
+        spec = importlib.util.spec_from_file_location("old_fp8_small_m", old_module)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+    out = {"jobs": [], "peers": {}, "copy_GBps": None}
+    if dev == "cuda":
+        from bench.common import measure_copy_gbps
+
+        out["copy_GBps"] = measure_copy_gbps()
+        print(f"copy {out['copy_GBps']:.0f} GB/s", flush=True)
+    path = os.path.join(out_dir, "fp8_sweep.json")
+    os.makedirs(out_dir, exist_ok=True)
+    one = torch.ones((), device=dev)
+    by_shape: dict = {}
+    for j in jobs:
+        by_shape.setdefault((j[1], j[2]), []).append(j)
+    for (n, k), sjobs in by_shape.items():
+        if time.time() - t0 > budget_s:
+            print(f"budget: skipped {n}x{k}", flush=True)
+            continue
+        sets = fp8_weight_sets(n, k, copies_for(n * k), dev)
+        Ws = [s["block"] for s in sets]
+        xs_by_m = {}
+        for m in sorted({j[3] for j in sjobs}):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            xq, xs = quantize_fp8(x, "token_group", column_major_scales=True)
+            xqt, _ = quantize_fp8(x, "tensor_dynamic")
+            xs_by_m[m] = (x, xq, xs)
+            peers = {}
+            if want_peers and ((n, k) in QUICK_SHAPES or m in (1, 16, 64, 256)):
+                bf16 = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(copies_for(2 * n * k))]
+                peers["bf16"] = safe_us([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
+                del bf16
+                peers["cublas_fp8"] = safe_us([lambda s=s: torch._scaled_mm(xqt, s["w"].t(), one, one,
+                                                                           out_dtype=torch.bfloat16) for s in sets])
+                peers["quant_group"] = safe_us([lambda: quantize_fp8(x, "token_group", column_major_scales=True)])
+                peers["quant_token"] = safe_us([lambda: quantize_fp8(x, "token")])
+                if m >= 16:
+                    peers["cublas_block"] = safe_us([lambda W=W: fp8_linear(
+                        xq, W, "token_group", x_scale=xs, out_dtype=torch.bfloat16, candidate="cublas_block")
+                        for W in Ws])
+                    peers["triton"] = safe_us([lambda W=W: fp8_linear(
+                        xq, W, "token_group", x_scale=xs, out_dtype=torch.bfloat16, candidate="triton") for W in Ws])
+                    peers["cublas_row_e2e"] = safe_us([lambda s=s: fp8_linear(x, s["channel"], "token",
+                                                                              candidate="cublas") for s in sets])
+                if old is not None and m <= 64:
+                    cfg = load_config("fp8_small_m").get(f"{n}x{k}")
+                    cfg = tuple(cfg) if cfg and not isinstance(cfg, dict) else None
+                    if m <= 32:
+                        peers["old_fused"] = safe_us([lambda W=W: old.fp8_small_m(
+                            x, None, 3, W.weight, W.grid, W.grid_rows, W.counters, n, k, config=cfg) for W in Ws])
+                    peers["old_pre"] = safe_us([lambda W=W: old.fp8_small_m(
+                        xq, xs, 1, W.weight, W.grid, W.grid_rows, W.counters, n, k, config=cfg) for W in Ws])
+                print(f"  peers {n}x{k} M={m}: {peers}", flush=True)
+            out["peers"][f"{n}x{k}:{m}"] = peers
+        for _, _, _, m, mode, cfg in sjobs:
+            x, xq, xs = xs_by_m[m]
+            a, s_ = (x, None) if mode == 3 else (xq, xs)
+            us = safe_us([lambda W=W: fp8_small_m.fp8_small_m(a, s_, mode, W.weight, W.grid, W.grid_rows, W.counters,
+                                                              n, k, config=cfg) for W in Ws])
+            out["jobs"].append((n, k, m, mode, list(cfg), us))
+        best = {}
+        for n_, k_, m, mode, cfg, us in out["jobs"]:
+            if (n_, k_) == (n, k) and us and (us < best.get((m, mode), (1e9,))[0]):
+                best[(m, mode)] = (us, cfg)
+        for (m, mode), (us, cfg) in sorted(best.items()):
+            x, xq, xs = xs_by_m[m]  # the winner against the Triton block GEMM on the same e4m3 x
+            y = fp8_small_m.fp8_small_m(xq, xs, 1, Ws[0].weight, Ws[0].grid, Ws[0].grid_rows, Ws[0].counters, n, k,
+                                        config=tuple(cfg)).float()
+            y_ref = fp8_linear(xq, Ws[0], "token_group", x_scale=xs, out_dtype=torch.float32, candidate="triton")
+            err = ((y - y_ref).norm() / y_ref.norm()).item()
+            out.setdefault("best", []).append((n, k, m, mode, cfg, us, err))
+            print(f"  best {n}x{k} M={m} mode {mode}: {us:.2f} us {cfg} rel err {err:.1e} (floor {n * k / 3.35e6:.1f} us "
+                  f"at 3.35 TB/s)", flush=True)
+        with open(path, "w") as f:
+            json.dump(out, f)
+        del sets, Ws
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    out["seconds"] = time.time() - t0
+    with open(path, "w") as f:
+        json.dump(out, f)
+    return out
+
+
+def _warm_worker(args):
+    global _WARM
+    items, roof = args
+    _WARM = True
+    for n, k, m, name in items:
+        bench_shape(n, k, [m], roof, name)
+    return len(items)
+
+
+def warm_bench(workers: int = 12, quick: bool = True) -> None:
+    """Compile what main() will run, in parallel processes (main then loads it from the Triton cache)."""
+    import multiprocessing as mp
+
+    ms = M_QUICK if quick else M_ALL
+    items = [(n, k, m, f"{fam}:{n}x{k}") for fam, shapes in SHAPES.items() for n, k in shapes
+             if not quick or (n, k) in QUICK_SHAPES for m in ms]
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        list(pool.imap_unordered(_warm_worker, [(items[i::workers], {}) for i in range(workers)]))
+    print(f"warm_bench: {len(items)} (shape, M) in {time.time() - t0:.0f} s", flush=True)
+
+
+def retime(prev: str, out_dir: str, config_path: str | None = None, budget_s: float = 60, workers: int = 12,
+           wait_for: str | None = None, top: int = 3) -> dict:
+    """Second pass over split_k_sweep's results (prev): its `top` configs per (shape, M) in the activation mode
+    the selection runs there (fused up to fused_quant_max, else pre-quantized), plus the best with 1.5x / 2x the
+    splits, timed again; writes the winners per M bucket to config_path (shapes past the budget keep prev's)."""
+    from lowbit.kernels.fp8_gemm import _DEFAULT_SELECT, load_config
+
+    t0 = time.time()
+    d = json.load(open(prev))
+    sel = {**_DEFAULT_SELECT, **load_config("fp8_select")}
+    shapes_sel = load_config("fp8_select").get("block", {}).get("shapes", {})
+    ranked: dict = {}
+    for n, k, m, mode, cfg, us in d["jobs"]:
+        fq = shapes_sel.get(f"{n}x{k}", {}).get("fused_quant_max", sel["fused_quant_max"])
+        if us and mode == (3 if m <= fq else 1):
+            ranked.setdefault((n, k, m, mode), []).append((us, tuple(cfg[:4]) + (cfg[4] if len(cfg) > 4 else 64,)))
+    jobs = []
+    for (n, k, m, mode), rows in sorted(ranked.items(), key=lambda t: SWEEP_SHAPES.index(t[0][:2])):
+        rows.sort()
+        cfgs = {c for _, c in rows[:top]}
+        c = rows[0][1]
+        for f in (1.5, 2.0):
+            cfgs.add((c[0], min(math.ceil(k / 128), 32, max(c[1] + 1, round(c[1] * f)))) + c[2:])
+        jobs += [(SWEEP_SHAPES.index((n, k)), n, k, m, mode, cfg) for cfg in sorted(cfgs)]
+    res = split_k_sweep(out_dir, budget_s, workers, jobs=jobs, wait_for=wait_for, peers=False)
+    best: dict = {}
+    for n, k, m, mode, cfg, us in res["jobs"]:
+        if us and us < best.get((n, k, m), (1e9,))[0]:
+            best[(n, k, m)] = (us, cfg)
+    for (n, k, m, _), rows in ranked.items():
+        if (n, k, m) not in best:
+            best[(n, k, m)] = (rows[0][0], list(rows[0][1]))
+    table = {"_source": f"bench/kernels/fp8.py split_k_sweep + retime on {torch.cuda.get_device_name()}: (BLOCK_N, "
+                        "splits, warps, stages, BLOCK_M cap) with the lowest time per shape and M bucket"}
+    for (n, k, m), (us, cfg) in sorted(best.items()):
+        table.setdefault(f"{n}x{k}", {})[str(m)] = list(cfg)
+    if config_path:
+        with open(config_path, "w") as f:
+            json.dump(table, f, indent=1)
+    print(f"retime: {len(best)} (shape, M) in {time.time() - t0:.0f} s", flush=True)
+    return table
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels.fp8")
+    parser.add_argument("what", choices=["sweep", "retime", "warm_bench"])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--budget", type=float, default=140)
+    parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--old", default=None, help="sweep: the committed fp8_small_m.py, timed at its configs")
+    parser.add_argument("--prev", default=None, help="retime: fp8_sweep.json of a split_k_sweep run")
+    parser.add_argument("--config", default=None, help="retime: write the winners here (fp8_small_m.json)")
+    parser.add_argument("--wait-for", default=None, help="start timing once this file exists")
+    a = parser.parse_args()
+    if a.what == "sweep":
+        split_k_sweep(a.out, a.budget, a.workers, old_module=a.old, wait_for=a.wait_for)
+    elif a.what == "retime":
+        retime(a.prev, a.out, a.config, a.budget, a.workers, wait_for=a.wait_for)
+    else:
+        warm_bench(a.workers)

@@ -1,11 +1,16 @@
-"""w4a8 sweep: int4 group-128 weights x fp8 activations vs cuBLAS bf16, lowbit w4a16 and cuBLAS fp8 (tensor-wise).
+"""w4a8 sweep: int4 group-128 weights x fp8 activations vs lowbit w4a16 (same int4 weights), cuBLAS bf16 and fp8.
 
-Timing as in bench/kernels/fp8.py (CUDA-graph replays over rotated weight copies). Columns:
-  us / e2e    w4a8_linear from bf16 x with token_group 128 (DeepSeek W4AFP8) activations, quantization included
-  static_us   the same with a static per-tensor scale (W4A8-AWQ)
-  w4a16_us    lowbit's w4a16 on the same int4 weights (when lowbit/kernels/w4a16.py is importable)
-  bf16_us, cublas_fp8_us   the peers;  x_bf16 = bf16_us / us;  x_w4a16 = w4a16_us / us (>= 1: as fast)
-  triton_us / dequant_us / dequant_cublas_us / small_m_us   candidates forced, for the selection table
+Timing: CUDA-graph replays over rotated weight copies (bench/kernels/w4a16.py graph_us), one discarded warm-up
+per shape. Columns:
+  us             w4a8_linear from bf16 x, token_group 128 activations (DeepSeek W4AFP8), quantization included
+  static_us      the same with a static per-tensor scale (W4A8-AWQ)
+  w4a16_us       lowbit's w4a16_gemm on the same weights (bf16 x), in the same run
+  x_w4a16 / x_w4a16_static = w4a16_us / us / static_us   (>= 1: w4a8 as fast as w4a16)
+  rcp_us         static with the in-kernel x / s as a plain multiply by 1 / s (config exact=False), M = 1, 16
+  wide_us / wide_static_us   token_group / static on 128-row weight tiles (fp8act_config block_n=128), M = 4..32
+  nopad_static_us  static quantizing all 16 rows of the token tile (row_pad=False), M = 1, 4
+  fused_us / dequant_cublas_us   candidates forced where the selection switches (M > 16), for w4a8_select.json
+  bf16_us, cublas_fp8_us         peers (torch.nn.functional.linear; torch._scaled_mm tensor-wise)
 """
 
 from __future__ import annotations
@@ -15,86 +20,95 @@ import math
 import torch
 
 from bench.common import print_table, rooflines, save_section
-from bench.kernels.fp8 import M_ALL, M_QUICK, QUICK_SHAPES, SHAPES, copies_for, safe_us
+from bench.kernels.w4a16 import copies_for, safe_us
+
+SHAPES = {  # (N, K): DeepSeek-V3 (as bench/kernels/fp8.py) and Llama-3-8B projections
+    "dsv3": [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)],
+    "llama3-8b": [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)],
+}
+QUICK_SHAPES = [(4096, 7168), (7168, 16384), (2112, 7168), (4096, 14336)]  # in this order
+M_ALL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+M_QUICK = [1, 2, 4, 8, 16, 32, 64]
 
 
-def _w4a16():
-    """lowbit's w4a16 (another module, still moving): (repack, gemm) or None, never an import error."""
-    try:
-        from lowbit.kernels import w4a16
-
-        return w4a16.w4a16_repack, w4a16.w4a16_gemm
-    except Exception as exc:  # noqa: BLE001 - absent or broken: the column stays empty
-        print(f"w4a16 peer unavailable: {type(exc).__name__}: {exc}")
-        return None
-
-
-def bench_shape(n, k, ms, roof, name, peer_w4a16, dtype=torch.bfloat16):
+def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
     from lowbit.kernels.quant_act import quantize_fp8
     from lowbit.kernels.reference import pack_int32
-    from lowbit.kernels.w4a8 import pick_candidate, w4a8_linear, w4a8_repack
+    from lowbit.kernels.w4a16 import fp8act_config, w4a16_gemm, w4a16_gemm_fp8act
+    from lowbit.kernels.w4a8 import fused_config, pick_candidate, w4a8_linear, w4a8_repack
 
-    count = copies_for(n * k // 2)
-    qws = [pack_int32(torch.randint(0, 16, (n, k), device="cuda"), 4) for _ in range(count)]
     scales = torch.rand(n, math.ceil(k / 128), device="cuda", dtype=dtype) * 1e-2 + 1e-3
-    ws = [w4a8_repack(q, scales, 128, k) for q in qws]
-    w16 = None
-    if peer_w4a16:
-        try:
-            w16 = [peer_w4a16[0](q, scales, None, None, 4, 128, k) for q in qws]
-        except Exception as exc:  # noqa: BLE001
-            print(f"  w4a16 repack failed: {type(exc).__name__}: {exc}")
-    del qws
+    ws = [w4a8_repack(pack_int32(torch.randint(0, 16, (n, k), device="cuda"), 4), scales, 128, k)
+          for _ in range(copies_for(n * k // 2))]
     bf16 = [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies_for(2 * n * k))]
     w8 = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies_for(n * k))]
     one = torch.ones((), device="cuda")
     static = torch.tensor([0.02], device="cuda")
+    x16 = torch.randn(16, k, device="cuda", dtype=dtype)
+    safe_us([lambda w=w: w4a8_linear(x16, w, "tensor_static", static) for w in ws])  # warm-up, discarded
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         xqt, _ = quantize_fp8(x, "tensor_dynamic")
         r = {"shape": name, "N": n, "K": k, "M": m, "cand": pick_candidate(ws[0], m)}
-        r["bf16_us"] = safe_us([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
-        r["cublas_fp8_us"] = safe_us([lambda w=w: torch._scaled_mm(xqt, w.t(), one, one, out_dtype=dtype) for w in w8])
+        if r["cand"] == "fused":
+            c = fused_config(ws[0], m, x.device)
+            r["cfg"] = f"{c['BLOCK_N']}x{c['BLOCK_M']}/s{c.get('SPLIT_K', 1)}"
         r["us"] = safe_us([lambda w=w: w4a8_linear(x, w, "token_group") for w in ws])
         r["static_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "tensor_static", static) for w in ws])
-        if w16:
-            r["w4a16_us"] = safe_us([lambda w=w: peer_w4a16[1](x, w) for w in w16])
-        forced_all = (["triton", "dequant"] if m > 16 else []) + (["small_m"] if 16 < m <= 64 else [])
-        for forced in forced_all + (["dequant_cublas"] if m >= 16 and k % 128 == 0 else []):
-            r[f"{forced}_us"] = safe_us([lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
-                                         for w in ws])
+        r["w4a16_us"] = safe_us([lambda w=w: w4a16_gemm(x, w.w16) for w in ws])
+        if m in (1, 16):
+            r["rcp_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(
+                x, w.w16, "static", static, config=dict(fp8act_config(w.w16, m, x.device), exact=False)) for w in ws])
+        if m in (1, 4):  # every row of the 16-token tile quantized (row_pad off), as before the row skip
+            nopad = dict(fp8act_config(ws[0].w16, m, x.device), row_pad=False)
+            r["nopad_static_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=nopad)
+                                            for w in ws])
+        if m in (4, 8, 16, 32):  # 128-row weight tiles (fused_wide_min_m in w4a8_select.json)
+            wide = fp8act_config(ws[0].w16, m, x.device, 128)
+            r["wide_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "token_group", config=wide) for w in ws])
+            r["wide_static_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=wide)
+                                           for w in ws])
+        r["bf16_us"] = safe_us([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
+        r["cublas_fp8_us"] = safe_us([lambda w=w: torch._scaled_mm(xqt, w.t(), one, one, out_dtype=dtype) for w in w8])
+        if 16 < m <= 64:
+            for forced in ("fused", "dequant_cublas"):
+                r[f"{forced}_us"] = safe_us([lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
+                                             for w in ws])
         if r["us"]:
-            nbytes = n * k // 2 + n * math.ceil(k / 128) * 4 + 2 * m * k + 2 * m * n
-            r["TFLOPs"] = 2.0 * m * n * k / r["us"] / 1e6
+            nbytes = n * k // 2 + n * math.ceil(k / 128) * 2 + 2 * m * k + 2 * m * n
             r["GBps"] = nbytes / r["us"] / 1e3
             r["pct_hbm"] = 100 * r["GBps"] / roof["copy_GBps"]
             r["x_bf16"] = r["bf16_us"] / r["us"] if r["bf16_us"] else None
-            r["x_w4a16"] = r["w4a16_us"] / r["us"] if r.get("w4a16_us") else None
+            r["x_w4a16"] = r["w4a16_us"] / r["us"] if r["w4a16_us"] else None
+        if r["static_us"] and r["w4a16_us"]:
+            r["x_w4a16_static"] = r["w4a16_us"] / r["static_us"]
         rows.append(r)
-        print(f"  {name} M={m}: {r['cand']} {r['us']} us, static {r['static_us']} us, w4a16 {r.get('w4a16_us')} us, "
-              f"bf16 {r['bf16_us']} us, fp8 cuBLAS {r['cublas_fp8_us']} us", flush=True)
-    del ws, w16, bf16, w8
+        print(f"  {name} M={m}: {r['cand']} {r.get('cfg', '')} token_group {r['us']} us, static {r['static_us']} us, "
+              f"w4a16 {r['w4a16_us']} us, rcp {r.get('rcp_us')}, bf16 {r['bf16_us']}, fp8 cuBLAS {r['cublas_fp8_us']}"
+              f", wide {r.get('wide_us')} / {r.get('wide_static_us')}, no row skip {r.get('nopad_static_us')}, forced "
+              f"fused {r.get('fused_us')} dequant_cublas {r.get('dequant_cublas_us')}", flush=True)
+    del ws, bf16, w8
     torch.cuda.empty_cache()
     return rows
 
 
-COLUMNS = ["shape", "N", "K", "M", "cand", "us", "TFLOPs", "GBps", "pct_hbm", "static_us", "w4a16_us", "x_w4a16",
-           "bf16_us", "x_bf16", "cublas_fp8_us", "triton_us", "dequant_us", "dequant_cublas_us", "small_m_us"]
+COLUMNS = ["shape", "M", "cand", "cfg", "us", "static_us", "w4a16_us", "x_w4a16", "x_w4a16_static", "rcp_us",
+           "wide_us", "wide_static_us", "nopad_static_us", "pct_hbm", "bf16_us", "x_bf16", "cublas_fp8_us", "fused_us",
+           "dequant_cublas_us"]
 
 
 def main(args) -> None:
     roof = rooflines()
     print(f"rooflines: {roof}")
-    peer = _w4a16()
     ms = M_QUICK if args.quick else M_ALL
+    shapes = QUICK_SHAPES if args.quick else [s for v in SHAPES.values() for s in v]
+    names = {s: f"{fam}:{s[0]}x{s[1]}" for fam, v in SHAPES.items() for s in v}
     rows = []
-    for family, shapes in SHAPES.items():
-        for n, k in shapes:
-            if args.quick and (n, k) not in QUICK_SHAPES:
-                continue
-            rows += bench_shape(n, k, ms, roof, f"{family}:{n}x{k}", peer)
-    print_table(rows, COLUMNS)
-    payload = {"rooflines": roof, "rows": rows, "quick": bool(args.quick), "w4a16_peer": peer is not None,
+    payload = {"rooflines": roof, "rows": rows, "quick": bool(args.quick), "w4a16_peer": True,
                "timing": "CUDA graph replay, weights rotated over >= 160 MB; bf16 activations/outputs"}
+    for n, k in shapes:
+        rows += bench_shape(n, k, ms, roof, names[(n, k)])
+        save_section("w4a8_gemm", dict(payload, partial=True), args.out)  # a cut-short run keeps its rows
+    print_table(rows, COLUMNS)
     print("saved", save_section("w4a8_gemm", payload, args.out))

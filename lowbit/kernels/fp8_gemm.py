@@ -12,10 +12,11 @@ weight stays e4m3 [N, K] row-major (cuBLAS reads weight.t(), the Triton kernels 
 Fused layers: pass `shard_sizes` (the N_s); block grids may restart at every shard, partial edge blocks
 included. Static activation scales of fused shards must be max'ed by the caller into one input_scale.
 
-Candidates (`pick_candidate` chooses by M from configs/fp8_select.json, measured on H200):
+Candidates (`pick_candidate` chooses by M from configs/fp8_select.json: defaults, then per weight granularity,
+then per "NxK" shape under that granularity; measured by bench/kernels/fp8.py):
 | name         | kernel                                             | serves                                     |
 |--------------|----------------------------------------------------|--------------------------------------------|
-| small_m      | fp8_small_m.py split-K, quantizes x in-kernel      | M <= 64, every scheme                      |
+| small_m      | fp8_small_m.py split-K; x quantized in-kernel up to fused_quant_max, by quantize_fp8 first above | M <= 256, every scheme |
 | triton       | fp8_block.py (quantize_fp8 first)                  | every scheme (token_group needs G = 128)   |
 | cublas       | torch._scaled_mm, tensor-wise or row-wise          | tensor/channel weights, non-group acts, N, K % 16 == 0 |
 | cublas_block | F.scaled_mm BlockWise1x128 x BlockWise128x128      | 128x128 blocks aligned to the fused rows, token_group 128, M >= 16, K % 512 == 0 |
@@ -40,7 +41,12 @@ WEIGHT_GRANULARITIES = ("tensor", "channel", "block")
 CANDIDATES = ("small_m", "triton", "cublas", "cublas_block")
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 FUSED_AMAX_MAX_ELEMS = 32768  # small_m computes dynamic token/tensor amax in-kernel up to M*K of this
-_DEFAULT_SELECT = {"small_m_max": 32, "cublas_block_min_m": 33, "cublas_min_m": 33}
+# ... and K of this: every program re-reads its whole x rows for the amax, one K-block at a time; at K = 7168
+# (H100, channel weights, M = 1) that took 25.6 / 35.6 us on 2112x7168 / 4096x7168 against 13.6 / 19.3 us for
+# quantize_fp8 + the split-K kernel at M = 16. K <= 1024 is unmeasured and keeps the fused path.
+FUSED_AMAX_MAX_K = 1024
+_DEFAULT_SELECT = {"small_m_max": 32, "fused_quant_max": 32, "cublas_block_min_m": 33, "cublas_min_m": 33}
+COUNTERS_PER_16_ROWS = fp8_small_m.MAX_M_TILED // 16  # split-K tickets: one per (16 weight rows, 16 tokens) tile
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,7 +72,7 @@ class Fp8Weights:
     grid_rows: torch.Tensor | None = None  # [N] int32
     cublas_grid: bool = False  # grid rows are the 128-row blocks of the fused weight (F.scaled_mm layout)
     block: tuple[int, int] | None = None
-    counters: torch.Tensor | None = None  # [ceil(N/16)] int32 zeros, split-K tickets (small_m resets them)
+    counters: torch.Tensor | None = None  # [ceil(N/16) * 16] int32 zeros, split-K tickets (small_m resets them)
 
 
 def _device_ok(device) -> tuple[bool, str]:
@@ -103,7 +109,7 @@ def fp8_repack(weight: torch.Tensor, weight_scale: torch.Tensor, granularity: st
         raise ValueError(f"fp8_repack: {why}")
     dev = weight.device
     w = Fp8Weights(weight.contiguous(), granularity, n, k, shard_sizes,
-                   counters=torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=dev))
+                   counters=torch.zeros(triton.cdiv(n, 16) * COUNTERS_PER_16_ROWS, dtype=torch.int32, device=dev))
     scale = weight_scale.to(device=dev, dtype=torch.float32)
     if granularity == "tensor":
         if scale.numel() != len(shard_sizes):
@@ -152,16 +158,53 @@ def _cublas_block_ok(w: Fp8Weights, act: str, m: int) -> bool:
             and hasattr(torch.nn.functional, "scaled_mm"))
 
 
+def select_thresholds(w: Fp8Weights) -> dict:
+    """M thresholds of configs/fp8_select.json for this weight: defaults < granularity < granularity "NxK" shape."""
+    cfg = load_config("fp8_select")
+    sel = {**_DEFAULT_SELECT, **{k: v for k, v in cfg.items() if k in _DEFAULT_SELECT}}
+    per = cfg.get(w.granularity, {})
+    sel.update({k: v for k, v in per.items() if k in _DEFAULT_SELECT})
+    sel.update(per.get("shapes", {}).get(f"{w.n}x{w.k}", {}))
+    return sel
+
+
 def pick_candidate(w: Fp8Weights, act: str, m: int, out_dtype=torch.bfloat16) -> str:
     """The GEMM for M rows: measured thresholds in configs/fp8_select.json (defaults before measurement)."""
-    sel = {**_DEFAULT_SELECT, **load_config("fp8_select")}
-    if m <= sel["small_m_max"] or not w.weight.is_cuda:
-        return "small_m" if m <= fp8_small_m.MAX_M else "triton"
+    sel = select_thresholds(w)
+    if m <= min(sel["small_m_max"], fp8_small_m.MAX_M_TILED) or not w.weight.is_cuda:
+        return "small_m" if m <= fp8_small_m.MAX_M_TILED else "triton"
     if _cublas_block_ok(w, act, m) and m >= sel["cublas_block_min_m"]:
         return "cublas_block"
     if _cublas_ok(w, act, m, out_dtype) and m >= sel["cublas_min_m"]:
         return "cublas"
     return "triton"
+
+
+def fuses_quant(w: Fp8Weights, act: str, m: int) -> bool:
+    """Whether small_m quantizes 16-bit x in-kernel at M rows (else quantize_fp8 runs first): every N tile
+    re-quantizes its x rows, which costs more than the separate pass as M grows (fused_quant_max, measured)."""
+    if m > min(select_thresholds(w)["fused_quant_max"], fp8_small_m.MAX_M):
+        return False
+    return act not in ("token", "tensor_dynamic") or (m * w.k <= FUSED_AMAX_MAX_ELEMS and w.k <= FUSED_AMAX_MAX_K)
+
+
+def small_m_config(n: int, k: int, m: int, sms: int = 132) -> tuple:
+    """configs/fp8_small_m.json for this shape and M bucket; else 64-row weight tiles, 4 warps, 3 stages and
+    splits for ~3.5 programs per SM (M <= 32) or ~2 (above), the pattern of the H100 winners in bench/kernels/fp8.py
+    split_k_sweep (14 shapes, M = 1..256: BLOCK_N 64 won on 10 of 14 shapes at M = 1, 128 on the others)."""
+    tuned = load_config("fp8_small_m")
+    if f"{n}x{k}" in tuned:
+        return fp8_small_m.small_m_config(n, k, sms, tuned, m)
+    block_n = 64 if n >= 256 else 32
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, 64)
+    kb = triton.cdiv(k, fp8_block.BLOCK_K)
+    splits = max(1, min(16, kb // 2, round((3.5 if m <= 32 else 2.0) * sms / tiles)))
+    return block_n, splits, 4, 3, 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 _SMALL_MODES = {"tensor_static": fp8_small_m.A_STATIC, "token_group": fp8_small_m.A_DYN_GROUP,
@@ -206,17 +249,16 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weights, act_granularity: str, input_scale
     w_scale, w_rows = _weight_args(w)
 
     if cand == "small_m":
-        if pre:
+        if not pre and fuses_quant(w, act_granularity, m):
+            mode, xs = _SMALL_MODES[act_granularity], input_scale
+        else:
+            if not pre:
+                x2, x_scale = quantize_fp8(x2, act_granularity, input_scale, 128, ue8m0, column_major_scales=True)
             mode = fp8_small_m.A_FP8_GROUP if act_granularity == "token_group" else fp8_small_m.A_FP8_ROW
             xs = x_scale
-        elif act_granularity in ("token", "tensor_dynamic") and m * w.k > FUSED_AMAX_MAX_ELEMS:
-            x2, xs = quantize_fp8(x2, act_granularity)
-            mode = fp8_small_m.A_FP8_ROW
-        else:
-            mode, xs = _SMALL_MODES[act_granularity], input_scale
-        cfg = load_config("fp8_small_m").get(f"{w.n}x{w.k}")
+        cfg = small_m_config(w.n, w.k, m, _sms(x2.device))
         y = fp8_small_m.fp8_small_m(x2, xs, mode, w.weight, w_scale, w_rows, w.counters, w.n, w.k, bias=bias,
-                                    out_dtype=out_dtype, ue8m0=ue8m0, config=tuple(cfg) if cfg else None)
+                                    out_dtype=out_dtype, ue8m0=ue8m0, config=cfg)
         return y.reshape(*lead, w.n)
 
     if pre:

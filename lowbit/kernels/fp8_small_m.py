@@ -1,14 +1,19 @@
-"""Split-K fp8-weight GEMM for M <= 64 (decode), streaming weights at HBM bandwidth; quantizes x in-kernel.
+"""Split-K fp8-weight GEMM for M <= 256 (decode and small prefill), streaming weights at HBM bandwidth.
 
 y^T [N, M] = sum over K-splits of W [N, K] @ xq^T [K, M]: the weight rows are the MMA's M side (BLOCK_N >= 16),
-the few tokens its N side (BLOCK_M = 16..64), so no MMA lane idles on padding rows of W. Scales as in
-fp8_block.py: per K-block of 128 (activation groups, weight block grids, int4 groups) inside the loop, per
-row / per tensor in the epilogue. With SPLIT > 1 each program stores an fp32 partial [BLOCK_M, BLOCK_N]; the
-last program of an N tile to arrive (ticket counter, acq_rel) sums the partials in split order
-(deterministic), writes y and resets its counter to 0, so no memset is launched. Every K-block's MMA result
-is added to the fp32 accumulator separately (sm90 fp8 MMAs keep ~14 bits while accumulating, fp8_block.py).
-In-kernel quantization multiplies by 1 / scale (quant_act.quantize_tile_rcp), so a code can differ from
-quantize_fp8 by one e4m3 step where x / s is within an fp32 ulp of a tie; the GEMM budgets absorb that.
+the tokens its N side (BLOCK_M = 16..128 per program; more tokens are more M tiles on program axis 2), so no
+MMA lane idles on padding rows of W. Scales as in fp8_block.py: per K-block of 128 (activation groups, weight
+block grids, int4 groups) inside the loop, per row / per tensor in the epilogue. With SPLIT > 1 each program
+stores an fp32 partial of its real rows only ([min(BLOCK_M, M), BLOCK_N]: at M = 1 that is 1/16 of the padded
+tile); the last program of an (N, M) tile to arrive (ticket counter, acq_rel) sums the partials in split order
+(deterministic), writes y and resets its counter to 0, so no memset is launched. Partial bytes grow as
+SPLIT * M * N * 4 while the weight is N * K, so configs for larger M use fewer splits (configs/fp8_small_m.json).
+Tried and measured 9-61% slower on H100 (bench/kernels/fp8.py; 2112x7168, 4096x7168, 7168x16384; M = 1..256):
+loading x and the scales one K-block ahead in registers together with summing several partials per load.
+Every K-block's MMA result is added to the fp32 accumulator separately (sm90 fp8 MMAs keep ~14 bits while
+accumulating, fp8_block.py). In-kernel quantization multiplies by 1 / scale (quant_act.quantize_tile_rcp),
+so a code can differ from quantize_fp8 by one e4m3 step where x / s is within an fp32 ulp of a tie; the GEMM
+budgets absorb that.
 
 | A_MODE | x                         | activation scale                                               |
 |--------|---------------------------|----------------------------------------------------------------|
@@ -16,9 +21,9 @@ quantize_fp8 by one e4m3 step where x / s is within an fp32 ulp of a tie; the GE
 | 1      | e4m3 [M, K] (quantized)   | xs [M, ceil(K/128)] per token group                            |
 | 2      | 16-bit [M, K]             | static: xs [1]; x * (1 / xs) rounded in-kernel                 |
 | 3      | 16-bit [M, K]             | dynamic token_group 128 computed per K-block in-kernel (UE8M0)  |
-| 4 / 5  | 16-bit [M, K]             | dynamic token / tensor: an amax prologue reads the whole x     |
+| 4 / 5  | 16-bit [M, K]             | dynamic token / tensor: an amax prologue reads the whole x (5: one M tile) |
 Weights: e4m3 [N, K] or int4 words [ceil(K/128), N, 16]; weight scale [N] or grid + rb (fp8_block.py).
-Workspace: part fp32 [SPLIT, BLOCK_M, N] (torch.empty per call), counters int32 [>= ceil(N/BLOCK_N)] zeros.
+Workspace: part fp32 [SPLIT, M, N] (torch.empty per call), counters int32 [>= M tiles * ceil(N/BLOCK_N)] zeros.
 """
 
 from __future__ import annotations
@@ -31,21 +36,36 @@ from lowbit.kernels.fp8_block import BLOCK_K, load_w_tile
 from lowbit.kernels.quant_act import fp8_scale, quantize_tile_rcp, soft_cast
 
 A_FP8_ROW, A_FP8_GROUP, A_STATIC, A_DYN_GROUP, A_DYN_TOKEN, A_DYN_TENSOR = range(6)
-MAX_M = 64
+MAX_M = 64  # one M tile (w4a8.py's decode range; A_DYN_TENSOR needs all rows in one tile)
+MAX_M_TILED = 256  # several M tiles: the mid-M range of fp8_gemm.py
 
 
 @triton.jit
-def _x_tile(x_ptr, xs_ptr, offs_m, mask_m, k0, K, stride_xm, stride_xsm, stride_xsk, sa_row,
-            A_MODE: tl.constexpr, UE8M0: tl.constexpr, SOFT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x K-block [BLOCK_M, BLOCK_K] as e4m3 and its per-K scale [BLOCK_M] (1 where the scale is per row)."""
+def _x_load(x_ptr, xs_ptr, sw_rows, offs_m, mask_m, mask_n, k0, k_hi, stride_xm, stride_xsm, stride_xsk,
+            A_MODE: tl.constexpr, B_GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """Loads of K-block k0 (all masked off past k_hi): x [BLOCK_M, BLOCK_K] as stored, the per-K activation
+    scale [BLOCK_M] (A_MODE 1) and weight scale [BLOCK_N] (B_GRID); ones where a mode has none."""
     kk = k0 + tl.arange(0, BLOCK_K)
-    mask = mask_m[:, None] & (kk[None, :] < K)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < k_hi),
+                other=0.0)
+    live = k0 < k_hi
+    sa = tl.full([BLOCK_M], 1.0, tl.float32)
+    if A_MODE == 1:
+        sa = tl.load(xs_ptr + offs_m * stride_xsm + (k0 // BLOCK_K) * stride_xsk, mask=mask_m & live, other=0.0)
+    sb = tl.full([BLOCK_N], 1.0, tl.float32)
+    if B_GRID:
+        sb = tl.load(sw_rows + k0 // BLOCK_K, mask=mask_n & live, other=0.0)
+    return x, sa, sb
+
+
+@triton.jit
+def _x_quant(x, sa_k, sa_row, A_MODE: tl.constexpr, UE8M0: tl.constexpr, SOFT: tl.constexpr):
+    """x K-block as e4m3 and its per-K scale [BLOCK_M] (1 where the scale is per row)."""
     if A_MODE == 0:
         xq, sa = x, sa_row
     elif A_MODE == 1:
-        xq = x
-        sa = tl.load(xs_ptr + offs_m * stride_xsm + (k0 // BLOCK_K) * stride_xsk, mask=mask_m, other=0.0)
+        xq, sa = x, sa_k
     elif A_MODE == 3:
         xf = x.to(tl.float32)
         sa = fp8_scale(tl.max(tl.abs(xf), axis=1), UE8M0)
@@ -64,9 +84,9 @@ def fp8_small_m_kernel(
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SOFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n, mask_m = offs_n < N, offs_m < M
 
     # per-token / per-tensor activation scale [BLOCK_M] (all ones where it is per K-block)
@@ -85,6 +105,7 @@ def fp8_small_m_kernel(
         if A_MODE == 5:
             amax = tl.max(amax, axis=0) + tl.zeros([BLOCK_M], tl.float32)
         sa_row = fp8_scale(amax, False)
+    sw_rows = ws_ptr
     if B_GRID:
         sw_rows = ws_ptr + tl.load(rb_ptr + offs_n, mask=mask_n, other=0) * stride_wsr
 
@@ -93,12 +114,12 @@ def fp8_small_m_kernel(
     k_hi = tl.minimum(K, k_lo + k_split)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = load_w_tile(w_ptr, offs_n, k0, N, K, stride_wn, stride_wk, W_INT4, BLOCK_N, BLOCK_K)  # [BN, BK]
-        xq, sa = _x_tile(x_ptr, xs_ptr, offs_m, mask_m, k0, K, stride_xm, stride_xsm, stride_xsk, sa_row,
-                         A_MODE, UE8M0, SOFT, BLOCK_K)
+        x, sa_k, sb = _x_load(x_ptr, xs_ptr, sw_rows, offs_m, mask_m, mask_n, k0, k_hi, stride_xm, stride_xsm,
+                              stride_xsk, A_MODE, B_GRID, BLOCK_N, BLOCK_M, BLOCK_K)
+        xq, sa = _x_quant(x, sa_k, sa_row, A_MODE, UE8M0, SOFT)
         if (A_MODE == 1) or (A_MODE == 3) or B_GRID:  # scales change every K-block
             part = tl.dot(w, tl.trans(xq))  # [BN, BM]
             if B_GRID:
-                sb = tl.load(sw_rows + k0 // BLOCK_K, mask=mask_n, other=0.0)
                 if (A_MODE == 1) or (A_MODE == 3):
                     acc += part * (sb[:, None] * sa[None, :])
                 else:
@@ -111,18 +132,20 @@ def fp8_small_m_kernel(
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     y_mask = mask_n[:, None] & mask_m[None, :]
     if SPLIT:
-        # partial to the workspace; the last program of this N tile reduces in split order
+        # partial [M, N] of split pid_k (real rows only); the last program of this (N, M) tile reduces in split order
         p_ptrs = part_ptr + offs_m[None, :] * N + offs_n[:, None]
-        tl.store(p_ptrs + pid_k * BLOCK_M * N, acc, mask=mask_n[:, None])
+        split_stride = M * N
+        tl.store(p_ptrs + pid_k * split_stride, acc, mask=y_mask)
         tl.debug_barrier()
-        ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
         if ticket == n_split - 1:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(0, n_split):
-                acc += tl.load(p_ptrs + s * BLOCK_M * N, mask=mask_n[:, None], other=0.0, cache_modifier=".cg")
+                acc += tl.load(p_ptrs + s * split_stride, mask=y_mask, other=0.0, cache_modifier=".cg")
             acc = _epilogue(acc, sa_row, ws_ptr, bias_ptr, offs_n, mask_n, A_MODE, B_GRID, HAS_BIAS)
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next launch
+            tl.atomic_xchg(cnt, 0)  # ready for the next launch
     else:
         acc = _epilogue(acc, sa_row, ws_ptr, bias_ptr, offs_n, mask_n, A_MODE, B_GRID, HAS_BIAS)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -140,15 +163,22 @@ def _epilogue(acc, sa_row, ws_ptr, bias_ptr, offs_n, mask_n,
     return acc
 
 
-def small_m_config(n: int, k: int, sms: int = 132, tuned: dict | None = None) -> tuple[int, int, int, int]:
-    """(BLOCK_N, splits, num_warps, num_stages): ~3 programs per SM streaming 128-row weight tiles; the best
-    configs of bench/kernels/fp8.py `tune` (H100 and H200, fp8 and int4 weights, DeepSeek-V3 shapes) follow it."""
-    if tuned and f"{n}x{k}" in tuned:
-        return tuple(tuned[f"{n}x{k}"])
+def small_m_config(n: int, k: int, sms: int = 132, tuned: dict | None = None, m: int = 1) -> tuple[int, ...]:
+    """(BLOCK_N, splits, num_warps, num_stages[, BLOCK_M cap]). tuned["NxK"] is one config for every M, or
+    {"<max M>": config, ...} by M bucket (the smallest bucket >= m; the largest beyond). Default: ~3 programs per
+    SM streaming 128-row weight tiles (the M <= 16 winners of bench/kernels/fp8.py `tune` on DeepSeek-V3 shapes)."""
+    entry = (tuned or {}).get(f"{n}x{k}")
+    if isinstance(entry, dict):
+        buckets = sorted((int(b), c) for b, c in entry.items())
+        entry = next((c for b, c in buckets if m <= b), buckets[-1][1])
+    if entry:
+        return tuple(entry)
     kb = triton.cdiv(k, BLOCK_K)
     block_n = 128 if n >= 1024 else 64 if n >= 256 else 32
-    tiles = triton.cdiv(n, block_n)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, 64)
     splits = max(1, min(16, kb // 2, round(3 * sms / tiles)))
+    if m > 64:  # partials grow with M: split only what the weight tiles leave idle
+        splits = max(1, min(splits, round(1.5 * sms / tiles)))
     return block_n, splits, 8, 3
 
 
@@ -156,33 +186,38 @@ def fp8_small_m(x: torch.Tensor, x_scale: torch.Tensor | None, a_mode: int, w: t
                 w_rows: torch.Tensor | None, counters: torch.Tensor, n: int, k: int, w_int4: bool = False,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, ue8m0: bool = False,
                 config: tuple | None = None) -> torch.Tensor:
-    """y [M, N] for M <= 64 (see the table); callers validate the weights (fp8_gemm.py, w4a8.py)."""
+    """y [M, N] for M <= MAX_M_TILED (see the table); callers validate the weights (fp8_gemm.py, w4a8.py).
+    config: (BLOCK_N, splits, num_warps, num_stages[, BLOCK_M cap, default 64])."""
     m = x.shape[0]
-    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1 or m > MAX_M:
-        raise ValueError(f"fp8_small_m: x must be [M <= {MAX_M}, {k}] with unit stride along K, got "
-                         f"{tuple(x.shape)} strides {x.stride()}")
+    max_m = MAX_M if a_mode == A_DYN_TENSOR else MAX_M_TILED
+    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1 or m > max_m:
+        raise ValueError(f"fp8_small_m: x must be [M <= {max_m}, {k}] with unit stride along K (activation mode "
+                         f"{a_mode}), got {tuple(x.shape)} strides {x.stride()}")
     if (x.dtype == torch.float8_e4m3fn) != (a_mode in (A_FP8_ROW, A_FP8_GROUP)):
         raise ValueError(f"fp8_small_m: x dtype {x.dtype} does not fit activation mode {a_mode}")
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-    block_n, splits, warps, stages = config or small_m_config(n, k, sms)
-    block_m = max(16, triton.next_power_of_2(m))
+    cfg = tuple(config) if config else small_m_config(n, k, sms, m=m)
+    block_n, splits, warps, stages = cfg[:4]
+    m_cap = MAX_M if a_mode == A_DYN_TENSOR else (cfg[4] if len(cfg) > 4 else 64)  # tensor amax: every row in one tile
+    block_m = max(16, triton.next_power_of_2(min(m, m_cap)))
     kb = triton.cdiv(k, BLOCK_K)
     k_split = triton.cdiv(kb, splits) * BLOCK_K
     splits = triton.cdiv(k, k_split)  # no empty splits
-    tiles = triton.cdiv(n, block_n)
-    if splits > 1 and counters.numel() < tiles:
-        raise ValueError(f"fp8_small_m: {counters.numel()} split-K counters for {tiles} tiles of {block_n} rows")
-    part = torch.empty((splits, block_m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
+    tiles, m_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
+    if splits > 1 and counters.numel() < tiles * m_tiles:
+        raise ValueError(f"fp8_small_m: {counters.numel()} split-K counters for {m_tiles} x {tiles} tiles of "
+                         f"{block_m} x {block_n}")
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
     xs = x_scale if x_scale is not None else y
     if a_mode == A_FP8_GROUP:
         stride_xsm, stride_xsk = xs.stride(0), xs.stride(1)
     else:
         stride_xsm, stride_xsk = (xs.stride(0) if a_mode == A_FP8_ROW and xs.numel() > 1 else 0), 0
     stride_wn, stride_wk = (w.stride(1), w.stride(0)) if w_int4 else (w.stride(0), w.stride(1))
-    fp8_small_m_kernel[(tiles, splits)](
+    fp8_small_m_kernel[(tiles, splits, m_tiles)](
         x, xs, w, w_scale, w_rows if w_rows is not None else w_scale, bias if bias is not None else y, part,
         counters, y, m, n, k, k_split, splits, x.stride(0), stride_xsm, stride_xsk, stride_wn, stride_wk,
         w_scale.stride(0) if w_rows is not None else 0, y.stride(0),

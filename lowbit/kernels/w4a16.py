@@ -1,7 +1,7 @@
 """w4a16 GEMM: y[M, N] = x[M, K] @ W^T (+ bias) with W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g].
 
-Over 300 lines because the kernel, its int4 unpack and its two launch paths only make sense together;
-the weight layout lives in w4a16_layout.py and the launch configs in w4a16_tune.py.
+Over 300 lines because the kernel, its int4 unpack, its two launch paths and its opt-in fp8-activation mode only
+make sense together; the weight layout lives in w4a16_layout.py and the launch configs in w4a16_tune.py.
 
 Per K-block t of the repacked weight (KB = P * W kernel columns; chunk i is bitfield i of a [N, W]
 word tile; c = t*KB + i*W + j) the kernel computes, "swap AB", acc^T += W_tile @ x_tile^T:
@@ -15,10 +15,16 @@ once (small M); pre-scaled mode multiplies the 16-bit operand by s (large token 
 int4 unpack (GPU): two words -> four nibbles as 16-bit pairs with prmt + lop3 into the exponent of
 1024 (fp16, 0x6400) or 128 (bf16, 0x4300) and one fma that removes the bias and the zero, exactly;
 the magic-number idea is from Kim et al. 2022 (arXiv:2211.10017) and Marlin (arXiv:2408.11743).
+fp8 activations (opt-in A_FP8 > 0, w4a16_gemm_fp8act: the w4a8 decode GEMM, symmetric int4, G = 128 = one K-block):
+x is quantized to e4m3 on its load (static scale, or per token group of 128) or arrives as e4m3; e4m3 values and
+q - 8 are exact in fp16, so the fp16 MMA products are exact and, in scale-after mode,
+    acc[n, m] += (sum_{c in g} (q[n, c] - 8) * xq[m, c]) * s[n, g] * sx[m, g]    (sx per tensor / token: epilogue)
 
 | tensor        | dtype          | shape            | notes                                         |
 |---------------|----------------|------------------|-----------------------------------------------|
-| x             | fp16 / bf16    | [..., K]         | any strides                                   |
+| x             | fp16 / bf16    | [..., K]         | any strides (fp8 mode: also fp32, or e4m3)    |
+| xs            | fp32           | [1] / [M]        | fp8 mode: static / per-token x scale          |
+| pre_quant_scale | x.dtype      | [K]              | fp8 mode: x * it, rounded to x.dtype, first   |
 | w.qweight     | int32          | [Kp/KB, N, W]    | see w4a16_layout.py                           |
 | w.scales      | fp16/bf16/fp32 | [Kp/Gk, N]       |                                               |
 | w.zeros       | uint8          | [Kp/Gk, N]       | absent: symmetric                             |
@@ -43,7 +49,13 @@ import triton.language as tl
 
 from lowbit.kernels.w4a16_layout import (SUPPORTED_DTYPES, W4A16Weights, w4a16_can_implement,  # noqa: F401
                                          w4a16_repack)
-from lowbit.kernels.w4a16_tune import interpreting, select_config
+from lowbit.kernels.quant_act import e4m3_rne, fp8_scale
+from lowbit.kernels.w4a16_tune import heuristic, interpreting, select_config
+
+# opt-in fp8 activations (A_FP8; 0 = the 16-bit w4a16 GEMM): x quantized to e4m3 as reference.quantize_fp8_ref
+A_E4M3_ROW, A_STATIC, A_TOKEN_GROUP = 1, 2, 3
+FP8_ACT_MODES = {"e4m3_row": A_E4M3_ROW, "static": A_STATIC, "token_group": A_TOKEN_GROUP}
+FP8_ACT_MAX_M = 64  # a decode mode: token tiles of at most 64
 
 
 def _unpack_asm(j: int, bf16: bool, scaled: bool) -> str:
@@ -171,19 +183,58 @@ def _load_x(x_rows, row_ok, perm_ptr, offs_k, Kx, stride_xk, HAS_PERM: tl.conste
 
 
 @triton.jit
-def w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr,
-                 M, N, Kx, stride_xm, stride_xk, stride_ym, num_kb, kb_per_split,
+def _fp8_x(xt, pqs_ptr, cols, Kx, s, r, A_FP8: tl.constexpr, HAS_PQS: tl.constexpr, UE8M0: tl.constexpr,
+           EXACT: tl.constexpr, SOFT: tl.constexpr):
+    """x tile [BM, CPG*W] -> its e4m3 values as exact fp16, and the scale: s (static, rows) or the group's [BM].
+    x / s is IEEE-rounded as in the reference: q = x * r with r = RN(1 / s), then one fma correction, which is
+    the correctly rounded quotient (Markstein's theorem, IBM J. Res. Dev. 34(1), 1990) wherever |q| <= 448."""
+    if A_FP8 == 1:  # already e4m3: widening is exact
+        xq = xt.to(tl.float16)
+    else:
+        xf = xt.to(tl.float32)
+        if HAS_PQS:  # smoothing, rounded to x's dtype as the unfused `x * pre_quant_scale` is
+            p = tl.load(pqs_ptr + cols, mask=cols < Kx, other=0.0).to(tl.float32)
+            xf = xf * p[None, :]
+            if SOFT and xt.dtype == tl.bfloat16:  # the interpreter truncates to bf16: round to nearest even here
+                u = xf.to(tl.int32, bitcast=True)
+                xf = ((u + 0x7FFF + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+            else:
+                xf = xf.to(xt.dtype).to(tl.float32)
+        if A_FP8 == 3:  # token group 128 = this weight group: amax of each row over its 128 columns
+            s = fp8_scale(tl.max(tl.abs(xf), axis=1), UE8M0)  # [BM]
+            r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+            s2 = s[:, None] + tl.zeros_like(xf)
+            r2 = r[:, None] + tl.zeros_like(xf)
+        else:
+            s2 = s + tl.zeros_like(xf)
+            r2 = r + tl.zeros_like(xf)
+        if SOFT:  # interpreter: numpy's fp32 division is IEEE already
+            q = tl.math.div_rn(xf, s2)
+        else:
+            q = xf * r2
+            if EXACT:  # residual x - q s is exact in one fma; beyond 1024 the code saturates anyway (and no inf - inf)
+                q = tl.where(tl.abs(q) < 1024.0, tl.fma(tl.fma(-q, s2, xf), r2, q), q)
+        xq = e4m3_rne(tl.minimum(tl.maximum(q, -448.0), 448.0), SOFT).to(tl.float16)
+    return xq, s
+
+
+@triton.jit
+def w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, xs_ptr, pqs_ptr,
+                 M, N, Kx, stride_xm, stride_xk, stride_ym, stride_xs, num_kb, kb_per_split,
                  BITS: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, HAS_ZEROS: tl.constexpr,
                  HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr,
                  SCALE_AFTER: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                 GROUP_M: tl.constexpr):
+                 GROUP_M: tl.constexpr, A_FP8: tl.constexpr = 0, HAS_PQS: tl.constexpr = False,
+                 UE8M0: tl.constexpr = False, EXACT: tl.constexpr = True, SOFT: tl.constexpr = False,
+                 X_PAD: tl.constexpr = 0):
     P: tl.constexpr = 32 // BITS
     KB: tl.constexpr = P * W
     ONE_GROUP: tl.constexpr = GS == 0
     CPG: tl.constexpr = P if (ONE_GROUP or GS >= KB) else GS // W  # chunks per group inside a block
     GROUP_PART: tl.constexpr = SCALE_AFTER and not ONE_GROUP
     PREFETCH: tl.constexpr = (not ONE_GROUP) and GS >= KB
-    DT: tl.constexpr = x_ptr.dtype.element_ty
+    # fp8 activations: e4m3 and (q - 8) are exact in fp16, so the 16-bit MMA computes their products exactly
+    DT: tl.constexpr = tl.float16 if A_FP8 != 0 else x_ptr.dtype.element_ty
     # grouped tile order: GROUP_M token tiles reuse a weight tile while it sits in L2
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -199,13 +250,22 @@ def w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_w = tl.arange(0, W)
     offs_g = tl.arange(0, CPG * W)
+    if X_PAD > 0:  # fp8, one token tile: quantize only its first BLOCK_M >> X_PAD rows (the wrapper: M = 1)
+        offs_m = tl.arange(0, BLOCK_M >> X_PAD)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
     row_ok = (offs_m < M)[:, None]
+    if X_PAD > 0:
+        offs_m = tl.arange(0, BLOCK_M)
     q_ptrs = qw_ptr + offs_nc[:, None] * W + offs_w[None, :]  # [BN, W] words of block 0
     kb_lo = pid_k * kb_per_split
     kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # y^T tile
+    sx = 1.0
+    rx = 1.0
+    if A_FP8 == 2:  # static per-tensor scale and its correctly rounded reciprocal
+        sx = tl.load(xs_ptr)
+        rx = tl.math.div_rn(1.0, sx)
     if ONE_GROUP:
         s, ce, co = _group_consts(s_ptr, z_ptr, 0, N, offs_n, N, BITS, HAS_ZEROS, USE_ASM, DT, BLOCK_N)
     if PREFETCH:  # <= 1 group per block: its scales are loaded one block ahead (they come from HBM too)
@@ -223,12 +283,28 @@ def w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr,
                                           BLOCK_N)
             a = _unpack_group(q, ce, co, s, gi * CPG // 2, CPG, BITS, USE_ASM, not SCALE_AFTER, DT)
             xt = _load_x(x_rows, row_ok, perm_ptr, c0 + offs_g, Kx, stride_xk, HAS_PERM, EVEN_K)  # [BM, CPG*W]
-            if GROUP_PART:
+            if A_FP8 != 0:
+                xt, sg = _fp8_x(xt, pqs_ptr, c0 + offs_g, Kx, sx, rx, A_FP8, HAS_PQS, UE8M0, EXACT, SOFT)
+                for _ in tl.static_range(X_PAD):  # zero rows up to the MMA's 16..64 tokens
+                    xt = tl.reshape(tl.permute(tl.join(xt, tl.zeros_like(xt)), (2, 0, 1)),
+                                    (2 * xt.shape[0], xt.shape[1]))
+                    if A_FP8 == 3:
+                        sg = tl.reshape(tl.permute(tl.join(sg, tl.zeros_like(sg)), (1, 0)), (2 * sg.shape[0],))
+            if A_FP8 == 3:  # the group's activation scale [BM] joins the weight scale on the fp32 partial
+                if GROUP_PART:
+                    acc += tl.dot(a, tl.trans(xt)) * (s * sg[None, :])
+                else:
+                    acc += tl.dot(a, tl.trans(xt)) * sg[None, :]
+            elif GROUP_PART:
                 acc += tl.dot(a, tl.trans(xt)) * s
             else:
                 acc = tl.dot(a, tl.trans(xt), acc)
     if ONE_GROUP and SCALE_AFTER:
         acc = acc * s
+    if A_FP8 == 1:  # per-token (or per-tensor: stride 0) activation scale, once per column of y^T
+        acc = acc * tl.load(xs_ptr + offs_m * stride_xs, mask=offs_m < M, other=1.0)[None, :]
+    elif A_FP8 == 2:
+        acc = acc * sx
 
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     if SPLIT:  # serial split-K: partial -> workspace; the last split of this tile reduces and stores
@@ -355,6 +431,13 @@ def w4a16_gemm(x: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None = Non
     if cfg["path"] == "dequant":
         return _dequant_matmul(x2, w, bias).reshape(*lead, w.n)
     y = torch.empty((m, w.n), dtype=x.dtype, device=x.device)
+    return _fused(x2, w, bias, cfg, y).reshape(*lead, w.n)
+
+
+def _fused(x2, w: W4A16Weights, bias, cfg: dict, y: torch.Tensor, a_fp8: int = 0, xs=None, pqs=None,
+           ue8m0: bool = False) -> torch.Tensor:
+    """One launch of w4a16_kernel into y [M, N]."""
+    m = x2.shape[0]
     block_n, block_m = cfg["BLOCK_N"], cfg["BLOCK_M"]
     num_kb = w.k_pad // w.block_k
     tiles = triton.cdiv(w.n, block_n) * triton.cdiv(m, block_m)
@@ -363,14 +446,88 @@ def w4a16_gemm(x: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None = Non
         split = 1  # more tiles than split-K counters: large M needs no split
     kb_per_split = triton.cdiv(num_kb, split)
     split = triton.cdiv(num_kb, kb_per_split)  # no empty splits
-    ws = torch.empty((split, m, w.n), dtype=torch.float32, device=x.device) if split > 1 else y
+    ws = torch.empty((split, m, w.n), dtype=torch.float32, device=x2.device) if split > 1 else y
+    fp8 = {}
+    if a_fp8:
+        # in-kernel quantization costs ALU time per row of the token tile: at M = 1 quantize one row, not 16
+        # (H100: 4096x7168 static 11.7 us vs 13.1 us); padding 2..8 rows the same way measured 1.6-2.5x slower
+        pad = (block_m.bit_length() - 1) if m == 1 and a_fp8 != A_E4M3_ROW and cfg.get("row_pad", True) else 0
+        fp8 = {"A_FP8": a_fp8, "HAS_PQS": pqs is not None, "UE8M0": ue8m0, "EXACT": cfg.get("exact", True),
+               "SOFT": interpreting(), "X_PAD": pad}
     w4a16_kernel[(tiles, split)](
         x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
         w.perm if w.perm is not None else w.qweight, bias if bias is not None else y, y, ws, w.locks,
-        m, w.n, w.k, x2.stride(0), x2.stride(1), y.stride(0), num_kb, kb_per_split,
-        BITS=w.bits, W=w.words, GS=w.gk, HAS_ZEROS=w.zeros is not None, HAS_PERM=w.perm is not None,
-        HAS_BIAS=bias is not None, EVEN_K=w.k % w.block_k == 0, USE_ASM=cfg.get("asm", True) and w.bits == 4
-        and not interpreting(), SCALE_AFTER=cfg.get("SCALE_AFTER", True), SPLIT=split > 1,
-        BLOCK_N=block_n, BLOCK_M=block_m, GROUP_M=cfg.get("GROUP_M", 8),
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
-    return y.reshape(*lead, w.n)
+        xs if xs is not None else y, pqs if pqs is not None else y,
+        m, w.n, w.k, x2.stride(0), x2.stride(1), y.stride(0), xs.stride(0) if xs is not None and xs.numel() > 1 else 0,
+        num_kb, kb_per_split, BITS=w.bits, W=w.words, GS=w.gk, HAS_ZEROS=w.zeros is not None,
+        HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None, EVEN_K=w.k % w.block_k == 0,
+        USE_ASM=cfg.get("asm", True) and w.bits == 4 and not interpreting(), SCALE_AFTER=cfg.get("SCALE_AFTER", True),
+        SPLIT=split > 1, BLOCK_N=block_n, BLOCK_M=block_m, GROUP_M=cfg.get("GROUP_M", 8),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3), **fp8)
+    return y
+
+
+def fp8act_config(w: W4A16Weights, m: int, device, block_n: int | None = None) -> dict:
+    """The w4a16 launch config of this shape and M (tuned table or heuristic), in scale-after mode: the MMA must see
+    exact integers and e4m3 values. Large token tiles (or a dequant entry) fall back to the small-M heuristic.
+    block_n: wider weight tiles (split-K scaled to keep the CTA count): every N tile quantizes the same x."""
+    cfg = select_config(w, m, torch.float16, device)
+    if cfg["path"] != "fused" or cfg["BLOCK_M"] > FP8_ACT_MAX_M:
+        cfg = heuristic(w, min(m, FP8_ACT_MAX_M), device)
+    cfg = dict(cfg, SCALE_AFTER=True)
+    if block_n and block_n != cfg["BLOCK_N"]:
+        split = round(cfg.get("SPLIT_K", 1) * block_n / cfg["BLOCK_N"])
+        cfg.update(BLOCK_N=block_n, SPLIT_K=max(1, min(w.k_pad // w.block_k, split)))
+    return cfg
+
+
+def w4a16_gemm_fp8act(x: torch.Tensor, w: W4A16Weights, mode: str, x_scale: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                      pre_quant_scale: torch.Tensor | None = None, ue8m0: bool = False,
+                      config: dict | None = None) -> torch.Tensor:
+    """y [M, N] = dequant(fp8(x)) @ W^T (+ bias), fp32 accumulation, for symmetric int4 group-128 weights (w4a8).
+
+    mode "static": x 16/32-bit, x_scale [1] fp32, e4m3(clamp(x / s)) in-kernel; "token_group": x 16/32-bit, scales
+    of each row's 128 columns in-kernel (ue8m0: powers of two); "e4m3_row": x already e4m3 with x_scale [M, 1] / [M]
+    (per token) or [1] (per tensor). pre_quant_scale [K] (x.dtype; not with e4m3_row) multiplies x first, rounded
+    to x.dtype. Codes and scales equal reference.quantize_fp8_ref's on the same device.
+    """
+    if mode not in FP8_ACT_MODES:
+        raise ValueError(f"w4a16_gemm_fp8act: mode {mode!r} is not supported; supported: {tuple(FP8_ACT_MODES)}")
+    if not isinstance(w, W4A16Weights):
+        raise ValueError(f"w4a16_gemm_fp8act: weights must come from w4a16_repack, got {type(w).__name__}")
+    if w.bits != 4 or w.zeros is not None or w.perm is not None or w.gk not in (0, w.block_k) or \
+            (w.gk == 0 and w.k > w.block_k):
+        raise NotImplementedError(f"w4a16_gemm_fp8act: weights must be symmetric int4, group 128, no act-order; got "
+                                  f"{w.bits}-bit, zeros={w.zeros is not None}, act-order={w.perm is not None}, "
+                                  f"G={w.group_size}")
+    e4m3 = mode == "e4m3_row"
+    allowed = (torch.float8_e4m3fn,) if e4m3 else (torch.float16, torch.bfloat16, torch.float32)
+    if x.dtype not in allowed:
+        raise ValueError(f"w4a16_gemm_fp8act: x dtype {x.dtype} is not supported in mode {mode!r}; "
+                         f"supported: {allowed}")
+    if x.dim() != 2 or x.shape[1] != w.k or x.shape[0] > FP8_ACT_MAX_M:
+        raise ValueError(f"w4a16_gemm_fp8act: x must be [M <= {FP8_ACT_MAX_M}, K={w.k}], got {tuple(x.shape)}")
+    if x.device != w.qweight.device:
+        raise ValueError(f"w4a16_gemm_fp8act: x is on {x.device}, weights on {w.qweight.device}")
+    m = x.shape[0]
+    want = {"static": (1,), "e4m3_row": (1, m)}.get(mode)
+    if want is not None and (x_scale is None or x_scale.dtype != torch.float32 or x_scale.numel() not in want
+                             or x_scale.device != x.device):
+        raise ValueError(f"w4a16_gemm_fp8act: mode {mode!r} needs an fp32 x_scale on {x.device} with "
+                         f"{' or '.join(map(str, want))} elements, got "
+                         f"{None if x_scale is None else (x_scale.dtype, tuple(x_scale.shape), str(x_scale.device))}")
+    if pre_quant_scale is not None and (e4m3 or pre_quant_scale.shape != (w.k,) or pre_quant_scale.dtype != x.dtype):
+        raise ValueError(f"w4a16_gemm_fp8act: pre_quant_scale must be [K={w.k}] in x's dtype {x.dtype} (not with "
+                         f"e4m3_row), got {pre_quant_scale.dtype} {tuple(pre_quant_scale.shape)} in mode {mode!r}")
+    out_dtype = out_dtype or (torch.bfloat16 if e4m3 else x.dtype)
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"w4a16_gemm_fp8act: out_dtype {out_dtype} is not supported; supported: fp16, bf16, fp32")
+    _check(x.new_empty((0, w.k), dtype=torch.float16), w, bias)  # bias shape / dtype / device
+    y = torch.empty((m, w.n), dtype=out_dtype, device=x.device)
+    if m == 0:
+        return y
+    xs = x_scale.reshape(-1) if x_scale is not None else None
+    pqs = pre_quant_scale.contiguous() if pre_quant_scale is not None else None
+    cfg = config or fp8act_config(w, m, x.device)
+    return _fused(x, w, bias.contiguous() if bias is not None else None, cfg, y, FP8_ACT_MODES[mode], xs, pqs, ue8m0)

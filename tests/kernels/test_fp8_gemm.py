@@ -1,7 +1,8 @@
 """fp8 GEMMs (small-M split-K, Triton block GEMM, cuBLAS candidates) vs reference.fp8_gemm_ref.
 
 fp8 x fp8 products are exact in fp32, so kernel and reference differ only in summation order and where the
-scales multiply: relative error budget 2e-6 * sqrt(K / 128) for fp32 output (a wrong scale or index is O(1)).
+scales multiply: relative error budget 2e-6 * sqrt(K / 128) for fp32 output in the interpreter, 5e-4 * sqrt(K / 128)
+on GPUs (fp8 MMA accumulation; a wrong scale or index is O(1)).
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def _expected(x, w, s, gran, shards, act, out_dtype, bias=None, block=BLOCK):
 def _check(y, y_ref, k, out_dtype, what=""):
     assert torch.isfinite(y).all()
     err = ((y.float() - y_ref).norm() / y_ref.norm().clamp(min=1e-30)).item()
-    budget = 2e-6 * math.sqrt(max(k, 128) / 128) if out_dtype == torch.float32 else 8e-3
+    # fp32 out: summation order only in the interpreter; on sm90 the fp8 MMA adds a 128-wide K-block with ~14
+    # mantissa bits (fp8_block.py), measured 7e-5 to 9e-5 relative on H100 at K = 256..300
+    fp32 = (2e-6 if DEV == "cpu" else 5e-4) * math.sqrt(max(k, 128) / 128)
+    budget = fp32 if out_dtype == torch.float32 else 8e-3
     assert err < budget, f"{what}: relative error {err:.3g} over budget {budget:.3g}"
 
 
@@ -102,6 +106,56 @@ def test_small_m_split_k_and_counters_reset():
                                     out_dtype=torch.float32, config=(32, 3, 4, 2))
         _check(y, y_ref, k, torch.float32)
         assert int(W.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("a_mode", [fp8_small_m.A_DYN_GROUP, fp8_small_m.A_FP8_GROUP, fp8_small_m.A_DYN_TOKEN])
+def test_small_m_m_tiles_and_split_k(a_mode):
+    """M = 40 over 16- or 32-row M tiles x N tiles x K splits: each (N, M) tile has its own ticket."""
+    m, n, k = 40, 48, 300
+    act = "token" if a_mode == fp8_small_m.A_DYN_TOKEN else "token_group"
+    gran = "channel" if act == "token" else "block"
+    w, s = _weights(n, k, gran, [n])
+    W = fp8_repack(w, s, gran, [n], BLOCK)
+    x = _x(m, k, torch.float16)
+    xs = None
+    if a_mode == fp8_small_m.A_FP8_GROUP:
+        x, xs = ref.quantize_fp8_ref(x, "token_group")
+        y_ref = ref.fp8_gemm_ref(x, xs, act, ref.dequantize_fp8(w, s, gran, [n], BLOCK), torch.float32)
+    else:
+        y_ref = _expected(x, w, s, gran, [n], act, torch.float32)
+    w_scale, w_rows = (W.grid, W.grid_rows) if gran == "block" else (W.row_scale, None)
+
+    def run(cfg):
+        return fp8_small_m.fp8_small_m(x, xs, a_mode, W.weight, w_scale, w_rows, W.counters, n, k,
+                                       out_dtype=torch.float32, config=cfg)
+
+    one_tile = run((64, 1, 4, 2, 64))
+    if act == "token":  # in-kernel 1 / scale may move a code one e4m3 step off quantize_fp8_ref (fp8_small_m.py)
+        y_ref = one_tile
+    else:
+        _check(one_tile, y_ref, k, torch.float32)
+    for cfg in [(32, 2, 4, 2, 16), (32, 2, 4, 2, 16), (32, 3, 4, 2, 16, 1), (16, 3, 4, 2, 32, 1)]:
+        # twice: the second launch relies on the reset counters; PIPE = 1: loads one K-block ahead, partials
+        # summed RED = 4 at a time with the fourth masked off
+        _check(run(cfg), y_ref, k, torch.float32)
+        assert int(W.counters.abs().sum()) == 0
+
+
+def test_small_m_quantizes_first_above_fused_range():
+    from lowbit.kernels.fp8_gemm import fuses_quant
+
+    m, n, k = 72, 32, 256  # above the fused range: quantize_fp8, then the split-K kernel on e4m3 x
+    w, s = _weights(n, k, "block", [n])
+    W = fp8_repack(w, s, "block", [n], BLOCK)
+    assert not fuses_quant(W, "token_group", m) and fuses_quant(W, "token_group", 1)
+    x = _x(m, k, torch.bfloat16)
+    y = fp8_linear(x, W, "token_group", out_dtype=torch.float32, candidate="small_m")
+    _check(y, _expected(x, w, s, "block", [n], "token_group", torch.float32), k, torch.float32)
+    with pytest.raises(ValueError, match="M <= 64"):  # one tile holds the per-tensor amax
+        fp8_small_m.fp8_small_m(x[:, :k], None, fp8_small_m.A_DYN_TENSOR, W.weight, W.grid, W.grid_rows, W.counters,
+                                n, k)
+    with pytest.raises(ValueError, match="M <= 256"):
+        fp8_linear(_x(300, k, torch.bfloat16), W, "token_group", candidate="small_m")
 
 
 def test_prequantized_input_bias_and_leading_dims():

@@ -1,6 +1,9 @@
 """w4a8 (int4 group-128 weights x fp8 activations) vs reference: dequantize_int + quantize_fp8_ref + fp8_gemm_ref.
 
-(q - 8) x e4m3 products are exact in fp32, so the budget is the summation-order one of test_fp8_gemm.py.
+(q - 8) x e4m3 products are exact in fp32, so the budget is the summation-order one of test_fp8_gemm.py; the fp8
+codes themselves are checked bit for bit (one-hot weights make y = xq * sx exactly) against the reference on the
+same device. CPU: the Triton interpreter, small shapes; GPU (marker gpu): fp16 and bf16, every activation
+granularity, pre_quant_scale, odd N, M = 1..300, CUDA graph capture and replay.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import pytest
 import torch
 
 from lowbit.kernels import reference as ref
+from lowbit.kernels.w4a16 import fp8act_config, w4a16_gemm_fp8act
+from lowbit.kernels.w4a16_layout import w4a16_repack, w4a16_unpack
 from lowbit.kernels.w4a8 import int4_to_fp8, pick_candidate, w4a8_can_implement, w4a8_linear, w4a8_repack
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,8 +40,10 @@ def _static(device=DEV):
     return torch.tensor([0.02], device=device)
 
 
-def _expected(x, qweight, scales, k, act, bias=None):
-    xq, xs = ref.quantize_fp8_ref(x, act, _static(x.device) if act == "tensor_static" else None)
+def _expected(x, qweight, scales, k, act, bias=None, pqs=None, ue8m0=False):
+    if pqs is not None:
+        x = x * pqs
+    xq, xs = ref.quantize_fp8_ref(x, act, _static(x.device) if act == "tensor_static" else None, ue8m0=ue8m0)
     wd = ref.dequantize_int(qweight, scales.float(), None, None, 4, 128, k)
     return ref.fp8_gemm_ref(xq, xs, act, wd, torch.float32, bias)
 
@@ -51,19 +58,17 @@ def _check(y, y_ref, k, out_dtype, what=""):
 def test_repack_layout():
     q, qweight, scales = _weights(24, 300)
     w = w4a8_repack(qweight, scales, 128, 300)
-    assert w.qweight.shape == (3, 24, 16) and w.qweight.dtype == torch.int32
-    words = w.qweight.permute(1, 0, 2).reshape(24, 48)  # back to [N, K/8] row order
-    unpacked = ref.unpack_int32(words, 4, 384)
-    assert torch.equal(unpacked[:, :300], q.to(torch.int32))
-    assert torch.all(unpacked[:, 300:] == 8)  # K padding is the zero point
-    assert w.scales.dtype == torch.float32 and torch.equal(w.scales, scales.float())
-    w8 = int4_to_fp8(w)  # the dequant candidate's scratch weight: q - 8 exactly
-    assert torch.equal(w8[:, :300].float(), (q - 8).float())
+    assert w.w16.qweight.shape == (3, 24, 16) and w.w16.zeros is None and w.w16.gk == 128
+    q16, s16, _ = w4a16_unpack(w.w16)
+    assert torch.equal(q16, q.to(torch.int32)) and torch.equal(s16.float(), scales.float())
+    w8 = int4_to_fp8(w)  # the dequant candidates' scratch weight: q - 8 exactly, K padding 0
+    assert w8.shape == (24, 384)
+    assert torch.equal(w8[:, :300].float(), (q - 8).float()) and torch.all(w8[:, 300:].float() == 0)
 
 
-CPU_CASES = [(1, 64, 300, "tensor_static", "small_m"), (3, 96, 256, "token_group", "small_m"),
-             (5, 80, 200, "token_group", "triton"), (70, 48, 130, "tensor_static", "triton"),
-             (6, 64, 384, "token", "dequant"), (2, 32, 128, "tensor_dynamic", "small_m")]
+CPU_CASES = [(1, 64, 300, "tensor_static", "fused"), (3, 96, 256, "token_group", "fused"),
+             (17, 40, 200, "token_group", "fused"), (2, 32, 128, "tensor_dynamic", "fused"),
+             (3, 48, 100, "token", "fused"), (6, 64, 384, "token", "dequant"), (70, 48, 130, "tensor_static", None)]
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -79,11 +84,49 @@ def test_w4a8_linear_cpu(case):
     _check(y, _expected(x, qweight, scales, k, act, bias), k, torch.float32)
 
 
+CODE_CASES = [(1, "tensor_static", torch.float16, False, False), (16, "token_group", torch.float16, False, False),
+              (5, "token_group", torch.float32, True, False), (3, "tensor_static", torch.float16, False, True),
+              (2, "token_group", torch.bfloat16, False, True)]
+
+
+@pytest.mark.parametrize("m,act,dtype,ue8m0,smooth", CODE_CASES, ids=lambda c: str(c))
+def test_codes_equal_reference(m, act, dtype, ue8m0, smooth):
+    """W = I (q = 9 on the diagonal, unit scales): y = xq * sx exactly, so every e4m3 code and scale must match
+    (M = 1 also covers the kernel quantizing only the token row of its 16-row tile)."""
+    k = 256
+    q = torch.full((k, k), 8, dtype=torch.int64)
+    q.fill_diagonal_(9)
+    qweight, scales = ref.pack_int32(q, 4).to(DEV), torch.ones(k, 2, device=DEV)
+    w = w4a8_repack(qweight, scales, 128, k)
+    x = _x(m, k, dtype, seed=7) * torch.logspace(-3, 1, k, device=DEV).to(dtype)  # every e4m3 binade, ties too
+    pqs = (torch.rand(k, generator=torch.Generator().manual_seed(2)) + 0.5).to(dtype).to(DEV) if smooth else None
+    scale = _static() if act == "tensor_static" else None
+    y = w4a8_linear(x, w, act, scale, out_dtype=torch.float32, ue8m0=ue8m0, candidate="fused", pre_quant_scale=pqs)
+    xs_in = x * pqs if smooth else x
+    xq, xs = ref.quantize_fp8_ref(xs_in, act, scale, ue8m0=ue8m0)
+    assert torch.equal(y, ref.dequantize_fp8_act(xq, xs, act))
+
+
+@pytest.mark.parametrize("m,mode", [(2, "static"), (16, "token_group")])
+def test_wide_weight_tiles(m, mode):
+    """fp8act_config(block_n=128): the tiles the w4a8 selection takes from fused_wide_min_m."""
+    n, k = (2112, 7168) if DEV == "cuda" else (200, 384)
+    _, qweight, scales = _weights(n, k)
+    w = w4a8_repack(qweight, scales, 128, k)
+    cfg = fp8act_config(w.w16, m, DEV, 128)
+    assert cfg["BLOCK_N"] == 128 and cfg["SCALE_AFTER"]
+    x = _x(m, k, torch.float16)
+    act = "tensor_static" if mode == "static" else mode
+    y = w4a16_gemm_fp8act(x, w.w16, mode, _static() if mode == "static" else None, out_dtype=torch.float32,
+                          config=cfg)
+    _check(y, _expected(x, qweight, scales, k, act), k, torch.float32)
+
+
 def test_leading_dims_and_default_candidate():
     _, qweight, scales = _weights(32, 256)
     w = w4a8_repack(qweight, scales, 128, 256)
     x = _x(4, 256, torch.float16)
-    assert pick_candidate(w, 4) == "small_m"
+    assert pick_candidate(w, 4) == "fused"
     y = w4a8_linear(x.view(2, 2, 256), w, "token_group")
     assert y.shape == (2, 2, 32) and y.dtype == torch.float16
     _check(y.reshape(4, 32), _expected(x, qweight, scales, 256, "token_group"), 256, torch.float16)
@@ -99,18 +142,37 @@ def test_errors():
     with pytest.raises(ValueError, match="scales"):
         w4a8_repack(qweight, scales[:, :1], 128, 256)
     w = w4a8_repack(qweight, scales, 128, 256)
+    x = _x(1, 256, torch.float16)
     with pytest.raises(ValueError, match="input_scale"):
-        w4a8_linear(_x(1, 256, torch.float16), w, "tensor_static")
+        w4a8_linear(x, w, "tensor_static")
     with pytest.raises(ValueError, match="granularity"):
-        w4a8_linear(_x(1, 256, torch.float16), w, "group")
+        w4a8_linear(x, w, "group")
     with pytest.raises(ValueError, match="dtype"):
-        w4a8_linear(_x(1, 256, torch.float16).to(torch.float8_e4m3fn), w, "token")
+        w4a8_linear(x.to(torch.float8_e4m3fn), w, "token")
+    with pytest.raises(ValueError, match="candidate 'small_m'"):
+        w4a8_linear(x, w, "token", candidate="small_m")
+    with pytest.raises(ValueError, match="pre_quant_scale"):
+        w4a8_linear(x, w, "token", pre_quant_scale=torch.ones(3, device=DEV))
+    with pytest.raises(ValueError, match="mode 'row'"):
+        w4a16_gemm_fp8act(x, w.w16, "row")
+    with pytest.raises(ValueError, match="M <= 64"):
+        w4a16_gemm_fp8act(_x(65, 256, torch.float16), w.w16, "token_group")
+    with pytest.raises(ValueError, match="x_scale"):
+        w4a16_gemm_fp8act(x, w.w16, "static")
+    asym = w4a16_repack(qweight, scales, torch.zeros_like(scales, dtype=torch.int32), None, 4, 128, 256)
+    with pytest.raises(NotImplementedError, match="symmetric int4"):
+        w4a16_gemm_fp8act(x, asym, "token_group")
 
 
 # ---- GPU ---------------------------------------------------------------------------------------------------
 
-GPU_SHAPES = [(1, 4096, 7168), (7, 2112, 7168), (16, 576, 7168), (33, 192, 576), (300, 4096, 4096),
-              (1000, 7168, 2048)]
+GPU_SHAPES = [(1, 4096, 7168), (7, 2112, 7168), (16, 576, 7168), (24, 2112, 7168), (5, 1001, 640), (33, 192, 576),
+              (300, 4096, 4096)]
+
+
+def _candidates(m, n, k):
+    return (["fused"] if m <= 64 else []) + ["dequant", None] + (["dequant_cublas"] if k % 128 == 0 and n % 16 == 0
+                                                                 and m >= 16 else [])
 
 
 @pytest.mark.gpu
@@ -122,28 +184,56 @@ def test_gpu_w4a8(shape, act, dtype):
     _, qweight, scales = _weights(n, k, "cuda", scale_dtype=dtype)
     w = w4a8_repack(qweight, scales, 128, k)
     x = _x(m, k, dtype, "cuda")
-    y_ref = _expected(x, qweight, scales, k, act)
-    cublas = ["dequant_cublas"] if k % 128 == 0 and m >= 16 else []
-    for cand in (["small_m"] if m <= 64 else []) + ["triton", "dequant", None] + cublas:
-        y = w4a8_linear(x, w, act, _static("cuda") if act == "tensor_static" else None, candidate=cand)
+    bias = torch.randn(n, device="cuda", dtype=dtype) if m == 7 else None
+    y_ref = _expected(x, qweight, scales, k, act, bias)
+    for cand in _candidates(m, n, k):
+        y = w4a8_linear(x, w, act, _static("cuda") if act == "tensor_static" else None, bias=bias, candidate=cand)
         assert y.dtype == dtype
         _check(y, y_ref, k, dtype, f"candidate {cand}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cand", ["small_m", "triton", "dequant", "dequant_cublas"])
-def test_gpu_w4a8_cuda_graph(cand):
-    m, n, k = (4 if cand == "small_m" else 96), 2112, 7168
+@pytest.mark.parametrize("shape", [(3, 1001, 640), (40, 2112, 7168)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", ["token", "tensor_dynamic"])
+def test_gpu_w4a8_dynamic_rows(shape, act):
+    m, n, k = shape
     _, qweight, scales = _weights(n, k, "cuda", scale_dtype=torch.bfloat16)
     w = w4a8_repack(qweight, scales, 128, k)
     x = _x(m, k, torch.bfloat16, "cuda")
-    w4a8_linear(x, w, "token_group", candidate=cand)
+    y_ref = _expected(x, qweight, scales, k, act)
+    for cand in _candidates(m, n, k):
+        _check(w4a8_linear(x, w, act, candidate=cand), y_ref, k, torch.bfloat16, f"candidate {cand}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ["tensor_static", "token_group"])
+def test_gpu_pre_quant_scale_and_fp32_out(act):
+    m, n, k = 9, 2112, 7168
+    _, qweight, scales = _weights(n, k, "cuda", scale_dtype=torch.bfloat16)
+    w = w4a8_repack(qweight, scales, 128, k)
+    x = _x(m, k, torch.bfloat16, "cuda")
+    pqs = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+    static = _static("cuda") if act == "tensor_static" else None
+    y = w4a8_linear(x, w, act, static, out_dtype=torch.float32, pre_quant_scale=pqs)
+    _check(y, _expected(x, qweight, scales, k, act, pqs=pqs), k, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cand,act", [("fused", "token_group"), ("fused", "tensor_static"),
+                                      ("dequant_cublas", "token_group")])
+def test_gpu_w4a8_cuda_graph(cand, act):
+    m, n, k = (4 if cand == "fused" else 96), 2112, 7168
+    _, qweight, scales = _weights(n, k, "cuda", scale_dtype=torch.bfloat16)
+    w = w4a8_repack(qweight, scales, 128, k)
+    x = _x(m, k, torch.bfloat16, "cuda")
+    static = _static("cuda") if act == "tensor_static" else None
+    w4a8_linear(x, w, act, static, candidate=cand)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = w4a8_linear(x, w, "token_group", candidate=cand)
+        y = w4a8_linear(x, w, act, static, candidate=cand)
     for seed in (3, 4):
         x.copy_(_x(m, k, torch.bfloat16, "cuda", seed=seed))
         graph.replay()
         torch.cuda.synchronize()
-        _check(y, _expected(x, qweight, scales, k, "token_group"), k, torch.bfloat16)
-    assert int(w.counters.abs().sum()) == 0
+        _check(y, _expected(x, qweight, scales, k, act), k, torch.bfloat16)
+    assert int(w.w16.locks.abs().sum()) == 0

@@ -3,10 +3,11 @@ W4A8-AWQ with static per-tensor activation scales, DeepSeek W4AFP8, dynamic toke
 
 | layer tensor (IntWeightMethod)  | what the backend keeps                                              |
 |---------------------------------|---------------------------------------------------------------------|
-| qweight int32 [N, ceil(K/8)]    | layer.w4a8_weights: W4A8Weights (K-block-major words, kernels/w4a8.py) |
-| scales [N, ceil(K/128)]         | inside W4A8Weights (fp32)                                           |
+| qweight int32 [N, ceil(K/8)]    | layer.w4a8_weights: W4A8Weights (w4a16 word tiles, kernels/w4a8.py) |
+| scales [N, ceil(K/128)]         | inside W4A8Weights (group-major)                                    |
 | input_scale [S] (static acts)   | layer.w4a8_input_scale [1] = max over the fused shards              |
-| pre_quant_scale [K] (optional)  | used as is: x * pre_quant_scale before quantizing x                 |
+| pre_quant_scale [K] (optional)  | used as is: x * pre_quant_scale before quantizing x (fused into the |
+|                                 | decode kernel's x load, rounded to the model dtype as unfused)      |
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ class W4A8TritonBackend:
 
         scheme = layer.quant_method.scheme
         smoothing = getattr(layer, "pre_quant_scale", None)
-        if smoothing is not None:
-            x = x * smoothing  # in the model dtype, as the reference backend does
+        # x * smoothing in the promoted dtype, as the reference backend does (w4a8_linear fuses it where it can)
+        out_dtype = x.dtype if smoothing is None else torch.promote_types(x.dtype, smoothing.dtype)
         return w4a8_linear(x, layer.w4a8_weights, scheme.act_granularity, layer.w4a8_input_scale, bias=bias,
-                           out_dtype=x.dtype, ue8m0=scheme.ue8m0_scales)
+                           out_dtype=out_dtype, ue8m0=scheme.ue8m0_scales, pre_quant_scale=smoothing)
 
 
 TRITON_W4A8 = register(W4A8TritonBackend())
