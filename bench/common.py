@@ -90,6 +90,9 @@ def gpu_name() -> str:
 
 
 def git_commit() -> str:
+    """LOWBIT_COMMIT when set (the device machine's copy of the tree carries a stale .git), else git's HEAD."""
+    if os.environ.get("LOWBIT_COMMIT"):
+        return os.environ["LOWBIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
