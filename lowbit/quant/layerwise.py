@@ -1,0 +1,145 @@
+"""Quantize the linears of one group (linears that share an input) and of one decoder layer.
+
+A group's rows are quantized together when they share H (GPTQ on q/k/v at once is the same as one
+by one: rows are independent given H); the results are split back into one QuantizedModule per
+on-disk Linear. Each linear's weight is then replaced by its dequantized value, so what runs after
+it (the rest of the layer, the next layers) sees the quantized model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.formats.base import QuantizedModule
+from lowbit.quant import awq, fp8
+from lowbit.quant.capture import InputStats
+from lowbit.quant.gptq import gptq_quantize, relative_error
+from lowbit.quant.recipes import Recipe
+from lowbit.quant.rtn import IntQuant, dequantize_int, fake_quantize, int_module, rtn
+
+# AWQ: the op whose output is a group's input, by the group's first linear (relative to the layer)
+SMOOTH_SOURCES = {
+    "self_attn.q_proj": "input_layernorm",
+    "mlp.gate_proj": "post_attention_layernorm",
+    "self_attn.o_proj": "self_attn.v_proj",  # foldable only when v_proj.out == o_proj.in (no GQA)
+    "mlp.down_proj": "mlp.up_proj",
+}
+NO_CLIP = ("q_proj", "k_proj")
+# fewer calibration tokens than this reached a linear (a rarely routed MoE expert): no usable H, RTN instead
+MIN_TOKENS = 16
+
+
+@dataclass
+class LinearReport:
+    name: str
+    shape: tuple[int, int]  # (N, K)
+    error: float | None  # ||W X - Q X||^2 / ||W X||^2 on the calibration inputs
+    rtn_error: float | None = None  # the same for round-to-nearest on the same inputs
+    note: str = ""
+
+
+def _split_rows(r: IntQuant, sizes: list[int]) -> list[IntQuant]:
+    out, row = [], 0
+    for n in sizes:
+        z = r.zeros[row:row + n] if r.zeros is not None else None
+        out.append(IntQuant(r.q[row:row + n], r.scales[row:row + n], z, r.g_idx))
+        row += n
+    return out
+
+
+def quantize_group(recipe: Recipe, names: list[str], linears: list[nn.Linear], stats: InputStats | None,
+                   scale_dtype: torch.dtype, rtn_h: torch.Tensor | None = None, rtn_w: torch.Tensor | None = None
+                   ) -> tuple[dict[str, QuantizedModule], list[LinearReport]]:
+    """Quantize linears that read the same input; `rtn_w`/`rtn_h`: the pre-smoothing weight and H for the
+    RTN comparison (AWQ), else the current ones."""
+    s = recipe.scheme
+    sizes = [m.out_features for m in linears]
+    w = torch.cat([m.weight.data.float() for m in linears])  # [sum N, K]
+    h = stats.hessian if stats is not None and stats.count >= MIN_TOKENS else None
+    modules, reports, dq = {}, [], None
+    amax = stats.amax.max() if stats is not None and stats.amax is not None else None
+    if s.is_int:
+        k = w.shape[1]
+        group = s.effective_group(k)
+        note = ""
+        if recipe.algorithm in ("gptq", "awq") and h is None:
+            note = f"RTN fallback: {stats.count if stats is not None else 0} calibration tokens (< {MIN_TOKENS})"
+        if recipe.algorithm == "gptq" and h is not None:
+            res = gptq_quantize(w, h, s.bits, group, s.symmetric, recipe.act_order, scale_dtype=scale_dtype)
+            quant, dq = res.quant, res.dequant
+            note = f"damp {res.damp:g}" if res.damp != 0.01 else ""
+        else:
+            clip = None
+            if recipe.algorithm == "awq" and h is not None and not any(n.endswith(NO_CLIP) for n in names):
+                clip = awq.search_clip(w, h, s.bits, group, s.symmetric, scale_dtype=scale_dtype)
+            quant = rtn(w, s.bits, group, s.symmetric, clip, scale_dtype)
+            dq = dequantize_int(quant.q, quant.scales, quant.zeros, s.bits, group)
+        parts = _split_rows(quant, sizes)
+        for name, m, part in zip(names, linears, parts):
+            mod = int_module(s, part, m.bias)
+            if s.static_input_scale:
+                mod.tensors["input_scale"] = fp8.static_input_scale(amax)
+            modules[name] = mod
+    else:
+        rows = []
+        for name, m in zip(names, linears):
+            modules[name], wq = fp8.fp8_module(s, m.weight.data, m.bias, amax)
+            rows.append(wq)
+        dq = torch.cat(rows)
+    row = 0
+    for name, m, n in zip(names, linears, sizes):
+        wq = dq[row:row + n]
+        err = rerr = None
+        if h is not None:
+            err = relative_error(w[row:row + n], wq, h)
+            if s.is_int and recipe.algorithm != "rtn":
+                w0 = (rtn_w if rtn_w is not None else w)[row:row + n]
+                h0 = rtn_h if rtn_h is not None else h
+                rerr = relative_error(w0, fake_quantize(w0, s.bits, s.effective_group(w.shape[1]), s.symmetric,
+                                                        scale_dtype=scale_dtype), h0)
+        reports.append(LinearReport(name, (n, w.shape[1]), err, rerr, note if s.is_int else ""))
+        m.weight.data = wq.to(m.weight.dtype)
+        row += n
+    return modules, reports
+
+
+def awq_smooth(recipe: Recipe, layer: nn.Module, rel_names: list[str], stats: InputStats,
+               scale_dtype: torch.dtype) -> str:
+    """Search the group's smoothing scale, fold it into its producer; returns a note for the report."""
+    source_name = SMOOTH_SOURCES.get(rel_names[0])
+    linears = [layer.get_submodule(n) for n in rel_names]
+    k = linears[0].in_features
+    source = _get(layer, source_name)
+    if source is None:
+        return "no smoothing (producer unknown)"
+    if isinstance(source, nn.Linear):
+        if source.out_features != k:
+            return f"no smoothing ({source_name} out {source.out_features} != in {k})"
+    elif getattr(source, "weight", None) is None or source.weight.shape != (k,):
+        return f"no smoothing ({source_name} has no [K] weight)"
+    if stats.count < MIN_TOKENS:
+        return f"no smoothing ({stats.count} calibration tokens)"
+    s = recipe.scheme
+    w = torch.cat([m.weight.data.float() for m in linears])
+    scale, best, base = awq.search_scale(w, stats.hessian, stats.abs_mean, s.bits, s.effective_group(k),
+                                         s.symmetric, scale_dtype=scale_dtype)
+    if isinstance(source, nn.Linear):
+        awq.fold_into_rows(source, scale)
+    else:
+        awq.fold_into_norm(source, scale)
+    for m in linears:
+        awq.scale_columns(m, scale)
+    stats.rescale(scale)
+    return f"smoothing into {source_name}: loss x{best / max(base, 1e-30):.3f}"
+
+
+def _get(layer: nn.Module, name: str | None) -> nn.Module | None:
+    if name is None:
+        return None
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
