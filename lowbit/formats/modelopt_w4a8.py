@@ -116,7 +116,8 @@ def save_checkpoint(out_dir: str, config: dict, modules: dict[str, QuantizedModu
     producer = {"name": "modelopt", "version": f"lowbit-{__version__}"}  # the layout is ModelOpt's, the writer lowbit
     hf_quant = {"producer": producer, "quantization": {
         "quant_algo": "W4A8_AWQ", "kv_cache_quant_algo": None, "group_size": GROUP, "has_zero_point": False,
-        "pre_quant_scale": True, "exclude_modules": list(ignore)}}
+        "pre_quant_scale": any("pre_quant_scale" in m.tensors for m in modules.values()),
+        "exclude_modules": list(ignore)}}  # False when the smoothing was folded into the previous ops
     qcfg = {"ignore": list(ignore), "quant_algo": "W4A8_AWQ", "producer": producer, "quant_method": "modelopt"}
     config = {k: v for k, v in config.items() if k != "quantization_config"}
     write_files(out_dir, {**config, "quantization_config": qcfg}, {**tensors, **plain}, max_shard_size,

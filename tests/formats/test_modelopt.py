@@ -137,6 +137,7 @@ def test_w4a8_writer_round_trip(w4a8_ckpt, tmp_path):
     with open(os.path.join(out, "hf_quant_config.json")) as f:
         hfq = json.load(f)["quantization"]
     assert hfq["quant_algo"] == "W4A8_AWQ" and hfq["group_size"] == 128 and hfq["exclude_modules"] == ["lm_head"]
+    assert hfq["pre_quant_scale"] is True  # the fixture keeps pre_quant_scale on o_proj/down_proj
     assert load_config(out).quantization["quant_method"] == "modelopt"
     fx.assert_same_canonical(canon, read_canonical(out, ModelOptFormat.from_checkpoint(out, load_config(out))))
     disk = {}
@@ -167,6 +168,13 @@ def test_config_json_only_modelopt(tmp_path):
                          {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["lm_head"]})
     fmt = detect_format(d, load_config(d))
     assert isinstance(fmt, ModelOptFormat) and fmt.scheme_for(P) == FP8_TENSOR_STATIC and not fmt.scheme_for("lm_head")
+
+
+def test_w4a8_writer_without_smoothing_says_so(tmp_path):
+    """Folded AWQ smoothing (no pre_quant_scale tensor anywhere): hf_quant_config must not promise one."""
+    save_checkpoint(str(tmp_path), {}, {"model.layers.0.mlp.up_proj": _w4a8_module(64, 128)}, {})
+    with open(os.path.join(tmp_path, "hf_quant_config.json")) as f:
+        assert json.load(f)["quantization"]["pre_quant_scale"] is False
 
 
 def test_w4a8_writer_refusals(tmp_path):
