@@ -4,6 +4,8 @@ Bytes = 16-bit input read + e4m3 output written + scales (tensor_dynamic reads t
 then quantize; counted once, so its fraction shows the cost of the second pass). pct_copy is the fraction
 of the device-to-device copy bandwidth (read + write) measured in the same run; the target is >= 70% at
 8192 x 7168. Peer: the eager torch reference (reference.quantize_fp8_ref; F.silu * up first for SiLU).
+`mlp_down` rows time a whole fp8 down_proj with the SiLU-mul fused into its input quantization against the
+unfused sequence (torch SiLU-mul, then the GEMM that quantizes its input).
 """
 
 from __future__ import annotations
@@ -42,6 +44,32 @@ def bench_case(op, k, m, gran, roof, dtype=torch.bfloat16):
     return r
 
 
+def bench_mlp_down(m, gran, n=7168, inter=18432, dtype=torch.bfloat16):
+    """down_proj(silu(gate) * up) with fp8 weights (DeepSeek-V3 dense MLP): SiLU-mul fused into the activation
+    quantization (what the triton_fp8 backend runs) against torch's SiLU-mul followed by the quantizing GEMM."""
+    from lowbit.kernels.fp8_gemm import fp8_linear, fp8_repack
+    from lowbit.kernels.quant_act import silu_mul_quantize_fp8
+
+    block = (128, 128) if gran == "token_group" else None
+    w = (torch.randn(n, inter, device="cuda") * 0.05).to(torch.float8_e4m3fn)
+    ws = torch.full(((n + 127) // 128, (inter + 127) // 128), 0.01, device="cuda") if block else \
+        torch.full((n,), 0.01, device="cuda")
+    wts = fp8_repack(w, ws, "block" if block else "channel", [n], block)
+    hs = [torch.randn(m, 2 * inter, device="cuda", dtype=dtype) for _ in range(copies_for(4 * m * inter, cap=4))]
+
+    def fused(h):
+        xq, xs = silu_mul_quantize_fp8(h, gran, None, 128, column_major_scales=True)
+        return fp8_linear(xq, wts, gran, bias=None, out_dtype=dtype, x_scale=xs)
+
+    def unfused(h):
+        return fp8_linear(F.silu(h[:, :inter]) * h[:, inter:], wts, gran, out_dtype=dtype)
+
+    us = safe_us([lambda h=h: fused(h) for h in hs])
+    ref = safe_us([lambda h=h: unfused(h) for h in hs])
+    return {"op": "mlp_down", "M": m, "K": inter, "gran": gran, "us": us, "torch_ref_us": ref,
+            "x_torch": ref / us if us and ref else None}
+
+
 def main(args) -> None:
     roof = rooflines()
     print(f"rooflines: {roof}")
@@ -52,6 +80,10 @@ def main(args) -> None:
                 rows.append(bench_case(op, k, m, gran, roof))
                 r = rows[-1]
                 print(f"  {op} M={m} K={k} {gran}: {r['us']} us, {r.get('pct_copy') or 0:.0f}% of copy", flush=True)
+    for m in [1, 16, 2048, 8192]:  # torch_ref_us here: unfused SiLU-mul, then the same GEMM quantizing its input
+        for gran in ("token", "token_group"):
+            rows.append(bench_mlp_down(m, gran))
+            print(f"  mlp_down M={m} {gran}: fused {rows[-1]['us']} us, unfused {rows[-1]['torch_ref_us']} us", flush=True)
     print_table(rows, ["op", "M", "K", "gran", "us", "GBps", "pct_copy", "torch_ref_us", "x_torch"])
     payload = {"rooflines": roof, "rows": rows, "quick": bool(args.quick), "dtype": "bfloat16",
                "timing": "CUDA graph replay over rotated inputs"}

@@ -16,6 +16,7 @@ class GatedAct(nn.Module):
         super().__init__()
         if act not in _ACTS:
             raise NotImplementedError(f"hidden_act {act!r} is not supported; supported: {sorted(_ACTS)}")
+        self.name = act  # lets a down_proj backend fuse act-and-mul into its input quantization
         self.act = _ACTS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

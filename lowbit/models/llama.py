@@ -73,7 +73,13 @@ class LlamaMLP(nn.Module):
         self.act = GatedAct(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        h = self.gate_up_proj(x)  # [T, 2I]
+        # a backend that quantizes its input (fp8 activations) can take gate|up and fuse SiLU-and-mul into that
+        # quantization: h is read once and the 16-bit product never written
+        fused = getattr(getattr(self.down_proj, "backend", None), "apply_silu_mul", None)
+        if fused is not None and self.act.name == "silu":
+            return fused(self.down_proj, h, self.down_proj.bias)
+        return self.down_proj(self.act(h))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -90,10 +90,16 @@ def test_tiny_model_wiring_matches_reference_in_interpreter(tmp_path, monkeypatc
     for b in backends_for("w8a8_fp8") + backends_for("w4a8"):
         if b.name == backend:
             monkeypatch.setattr(b, "min_capability", None)  # let the selection take it on the CPU
+    fused_calls = []
+    for b in backends_for("w8a8_fp8") + backends_for("w8a8_fp8_block"):
+        if b.name == backend == "triton_fp8":  # the MLP hands gate|up to down_proj: SiLU-mul fused into quantization
+            original = b.apply_silu_mul
+            monkeypatch.setattr(b, "apply_silu_mul", lambda *a, f=original: fused_calls.append(1) or f(*a))
     got = _logits(str(tmp_path), backend, "cpu", monkeypatch)
     want = _logits(str(tmp_path), "reference", "cpu", monkeypatch)
     for a, b in zip(got, want):
         assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
+    assert bool(fused_calls) == (backend == "triton_fp8")
 
 
 @pytest.mark.gpu
@@ -121,6 +127,24 @@ def test_tiny_model_selects_backend_and_matches_reference(tmp_path, kind, backen
             y_ref = REFERENCE.apply(layer, x, layer.bias)
             err = ((y - y_ref).norm() / y_ref.norm()).item()
             assert err < 1e-2, f"{layer.prefix} M={m}: relative error {err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["block", "autofp8_static", "autofp8_dynamic"])
+def test_fused_silu_mul_matches_unfused_mlp(tmp_path, kind):
+    """down_proj(silu(gate) * up) through the fused SiLU-mul + quantize kernel equals the unfused path (the fused
+    SiLU's exp may differ from torch's in the last fp32 bit, which can move an fp8 code by one step)."""
+    _write(kind, str(tmp_path))
+    st = Stepper(str(tmp_path), device="cuda", dtype=torch.bfloat16)
+    mlp = st.model.model.layers[0].mlp
+    assert mlp.down_proj.backend.name == "triton_fp8"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m in (1, 13, 300):
+        h = torch.randn(m, mlp.down_proj.in_features * 2, device="cuda", generator=g).to(torch.bfloat16)
+        fused = mlp.down_proj.backend.apply_silu_mul(mlp.down_proj, h, mlp.down_proj.bias)
+        plain = mlp.down_proj(mlp.act(h))
+        err = ((fused.float() - plain.float()).norm() / plain.float().norm()).item()
+        assert fused.shape == plain.shape and err < 1e-2, f"{kind} M={m}: relative error {err:.3g}"
 
 
 def test_scheme_presets_are_served():

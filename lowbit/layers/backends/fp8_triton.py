@@ -73,4 +73,20 @@ class Fp8TritonBackend:
                           out_dtype=x.dtype, ue8m0=scheme.ue8m0_scales)
 
 
+    def apply_silu_mul(self, layer, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """layer(silu(gate) * up) with the SiLU-and-mul fused into the activation quantization (one pass over
+        gate|up [..., 2I] instead of writing and re-reading the 16-bit product)."""
+        from lowbit.kernels.fp8_gemm import fp8_linear
+        from lowbit.kernels.quant_act import silu_mul_quantize_fp8
+
+        scheme = layer.quant_method.scheme
+        lead = gate_up.shape[:-1]
+        x2 = gate_up.reshape(-1, gate_up.shape[-1])
+        xq, xs = silu_mul_quantize_fp8(x2, scheme.act_granularity, layer.fp8_input_scale, 128, scheme.ue8m0_scales,
+                                       column_major_scales=True)
+        y = fp8_linear(xq, layer.fp8_weights, scheme.act_granularity, layer.fp8_input_scale, bias=bias,
+                       out_dtype=gate_up.dtype, x_scale=xs, ue8m0=scheme.ue8m0_scales)
+        return y.reshape(*lead, y.shape[-1])
+
+
 TRITON_FP8 = register(Fp8TritonBackend())
