@@ -95,6 +95,7 @@ def test_tiny_model_wiring_matches_reference_in_interpreter(tmp_path, monkeypatc
         if b.name == backend == "triton_fp8":  # the MLP hands gate|up to down_proj: SiLU-mul fused into quantization
             original = b.apply_silu_mul
             monkeypatch.setattr(b, "apply_silu_mul", lambda *a, f=original: fused_calls.append(1) or f(*a))
+            monkeypatch.setattr("lowbit.layers.backends.fp8_triton.FUSE_SILU_MIN_M", 1)  # fused even for tiny M
     got = _logits(str(tmp_path), backend, "cpu", monkeypatch)
     want = _logits(str(tmp_path), "reference", "cpu", monkeypatch)
     for a, b in zip(got, want):
@@ -131,7 +132,7 @@ def test_tiny_model_selects_backend_and_matches_reference(tmp_path, kind, backen
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["block", "autofp8_static", "autofp8_dynamic"])
-def test_fused_silu_mul_matches_unfused_mlp(tmp_path, kind):
+def test_fused_silu_mul_matches_unfused_mlp(tmp_path, kind, monkeypatch):
     """down_proj(silu(gate) * up) through the fused SiLU-mul + quantize kernel equals the unfused path (the fused
     SiLU's exp may differ from torch's in the last fp32 bit, which can move an fp8 code by one step)."""
     _write(kind, str(tmp_path))
@@ -139,6 +140,7 @@ def test_fused_silu_mul_matches_unfused_mlp(tmp_path, kind):
     mlp = st.model.model.layers[0].mlp
     assert mlp.down_proj.backend.name == "triton_fp8"
     g = torch.Generator(device="cuda").manual_seed(0)
+    monkeypatch.setattr("lowbit.layers.backends.fp8_triton.FUSE_SILU_MIN_M", 1)  # the fused kernel at every M
     for m in (1, 13, 300):
         h = torch.randn(m, mlp.down_proj.in_features * 2, device="cuda", generator=g).to(torch.bfloat16)
         fused = mlp.down_proj.backend.apply_silu_mul(mlp.down_proj, h, mlp.down_proj.bias)

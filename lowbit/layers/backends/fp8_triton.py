@@ -16,12 +16,17 @@ results; the `reference` backend (dequantize once + cuBLAS 16-bit) is the right 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from lowbit.kernels import HAS_TRITON
 from lowbit.layers.selection import register
 from lowbit.scheme import QuantScheme
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# SiLU-mul fused into the down_proj input quantization from this many tokens on. H100, 7168x18432 fp8 down_proj
+# (python -m bench.kernels act_quant --quick, mlp_down rows): fused/unfused 0.89-1.03x at M = 1 and 16,
+# 1.21-1.31x at M = 2048 and 8192
+FUSE_SILU_MIN_M = 256
 FAMILIES = ("w8a8_fp8", "w8a8_fp8_block")
 
 
@@ -82,6 +87,9 @@ class Fp8TritonBackend:
         scheme = layer.quant_method.scheme
         lead = gate_up.shape[:-1]
         x2 = gate_up.reshape(-1, gate_up.shape[-1])
+        if x2.shape[0] < FUSE_SILU_MIN_M:  # decode: one program per row makes the fused kernel slower there
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.apply(layer, F.silu(gate) * up, bias)
         xq, xs = silu_mul_quantize_fp8(x2, scheme.act_granularity, layer.fp8_input_scale, 128, scheme.ue8m0_scales,
                                        column_major_scales=True)
         y = fp8_linear(xq, layer.fp8_weights, scheme.act_granularity, layer.fp8_input_scale, bias=bias,
