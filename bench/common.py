@@ -8,6 +8,7 @@ roofline, and the peers measured in the same process. Results go to bench/result
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -25,27 +26,44 @@ def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 10
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def bench_graph_ms(fn: Callable[[], object], iters: int = 20, reps: int = 5) -> float:
-    """Median per-call time of fn() replayed from a CUDA graph of `iters` calls (no launch gaps)."""
+ROTATE_BYTES = 160 * 2**20  # distinct bytes per timed graph: > 3x the 50 MB L2 of an H100, so weights come from HBM
+
+
+def copies_for(nbytes: int, cap: int = 16) -> int:
+    """How many copies of an operand of `nbytes` to rotate through so the timed loop is not served from L2."""
+    return max(1, min(cap, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+
+
+def graph_replay_us(fns: list[Callable[[], object]], rounds: int, reps: int = 5) -> float:
+    """Median per-call microseconds of `fns` called round-robin `rounds` times from one CUDA graph (no launch gaps)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
+    with torch.cuda.stream(stream):  # warm-up (and first-call compilation) outside the capture
+        for f in fns:
+            f()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
+        for _ in range(rounds):
+            for f in fns:
+                f()
+    graph.replay()
+    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (rounds * len(fns)))
+    del graph
     return sorted(times)[len(times) // 2]
+
+
+def bench_graph_ms(fn: Callable[[], object], iters: int = 20, reps: int = 5) -> float:
+    """Median per-call time of fn() in ms, replayed from a CUDA graph of `iters` calls."""
+    return graph_replay_us([fn], iters, reps) / 1e3
 
 
 def measure_copy_gbps(nbytes: int = 2 * 2**30) -> float:

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from bench.common import print_table, rooflines, save_section
+from bench.common import copies_for as common_copies_for
+from bench.common import graph_replay_us, print_table, rooflines, save_section
 
 SHAPES = {  # (N, K)
     "dsv3": [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)],
@@ -32,47 +33,18 @@ SHAPES = {  # (N, K)
 M_ALL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 M_QUICK = [1, 16, 32, 64, 256, 2048, 8192]
 QUICK_SHAPES = [(2112, 7168), (4096, 7168), (7168, 16384)]
-ROTATE_BYTES = 160 * 2**20  # distinct bytes per graph: > 3x the 50 MB L2 of an H100
 
 
 _WARM = False  # compile-only pass (warm_bench workers): every timed callable runs once, nothing is timed
 
 
 def copies_for(nbytes: int, cap: int = 16) -> int:
-    if _WARM:
-        return 1
-    return max(1, min(cap, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+    return 1 if _WARM else common_copies_for(nbytes, cap)
 
 
 def graph_us(fns: list, min_calls: int = 12, reps: int = 5) -> float:
     """Median per-call microseconds of the callables replayed round-robin from one CUDA graph."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    rounds = max(1, math.ceil(min_calls / len(fns)))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(rounds):
-            for f in fns:
-                f()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (rounds * len(fns)))
-    del graph
-    return sorted(times)[len(times) // 2]
+    return graph_replay_us(fns, max(1, math.ceil(min_calls / len(fns))), reps)
 
 
 def safe_us(fns) -> float | None:
@@ -187,23 +159,14 @@ def main(args) -> None:
 # ---- config tuning (run once per GPU; results become lowbit/kernels/configs/*.json) -----------------
 
 
-def _tune_small_m(out, int4: bool, shapes, ms=(1, 16), warm=False):
+def _tune_small_m(out, shapes, ms=(1, 16), warm=False):
     from lowbit.kernels import fp8_small_m
-    from lowbit.kernels.w4a8 import w4a8_repack
+    from lowbit.kernels.quant_act import quantize_fp8
 
     best = {}
     for n, k in shapes:
-        if int4:
-            from lowbit.kernels.reference import pack_int32
-
-            ws = [w4a8_repack(pack_int32(torch.randint(0, 16, (n, k), device="cuda"), 4),
-                              torch.rand(n, math.ceil(k / 128), device="cuda") * 1e-2, 128, k)
-                  for _ in range(copies_for(n * k // 2))]
-            args = [(w.qweight, w.scales, w.rows, w.counters) for w in ws]
-        else:
-            sets = fp8_weight_sets(n, k, copies_for(n * k))
-            args = [(s["w"], s["block"].grid, s["block"].grid_rows, s["block"].counters) for s in sets]
-        from lowbit.kernels.quant_act import quantize_fp8
+        sets = fp8_weight_sets(n, k, copies_for(n * k))
+        args = [(s["w"], s["block"].grid, s["block"].grid_rows, s["block"].counters) for s in sets]
 
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         kb = math.ceil(k / 128)
@@ -219,19 +182,18 @@ def _tune_small_m(out, int4: bool, shapes, ms=(1, 16), warm=False):
                     for m in ms:
                         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                         call = [lambda a=a: fp8_small_m.fp8_small_m(
-                            x, None, fp8_small_m.A_DYN_GROUP, a[0], a[1], a[2], a[3], n, k, w_int4=int4,
+                            x, None, fp8_small_m.A_DYN_GROUP, a[0], a[1], a[2], a[3], n, k,
                             config=cfg) for a in args]
                         if warm:  # compile only (fills the on-disk Triton cache for the timed pass)
                             call[0]()
-                            if not int4:
-                                xq, xs = quantize_fp8(x, "token_group", column_major_scales=True)
-                                fp8_small_m.fp8_small_m(xq, xs, fp8_small_m.A_FP8_GROUP, *args[0], n, k, config=cfg)
+                            xq, xs = quantize_fp8(x, "token_group", column_major_scales=True)
+                            fp8_small_m.fp8_small_m(xq, xs, fp8_small_m.A_FP8_GROUP, *args[0], n, k, config=cfg)
                             t.append(None)
                             continue
                         t.append(safe_us(call))
                     if all(t):
                         results.append((sum(t), cfg, t))
-        if not warm and results and not int4:  # the fused quantization's cost: the best config on pre-quantized x
+        if not warm and results:  # the fused quantization's cost: the best config on pre-quantized x
             cfg = min(results, key=lambda r: r[0])[1]
             pre = []
             for m in ms:
@@ -242,17 +204,17 @@ def _tune_small_m(out, int4: bool, shapes, ms=(1, 16), warm=False):
             print(f"  small_m fp8 {n}x{k} {cfg} on pre-quantized x: {pre} us", flush=True)
             out.setdefault("small_m_prequant", {})[f"{n}x{k}"] = (cfg, pre)
         results.sort(key=lambda r: r[0])
-        floor = n * k * (0.5 if int4 else 1.0) / 3.0e6  # us at 3 TB/s
+        floor = n * k / 3.0e6  # us at 3 TB/s
         if results:
             best[f"{n}x{k}"] = list(results[0][1])
-            print(f"  small_m {'int4' if int4 else 'fp8'} {n}x{k}: best {results[0][1]} {results[0][2]} us "
+            print(f"  small_m fp8 {n}x{k}: best {results[0][1]} {results[0][2]} us "
                   f"(floor {floor:.1f} us); next {[(r[1], [round(v, 1) for v in r[2]]) for r in results[1:4]]}",
                   flush=True)
-        out.setdefault("small_m_all", {})[f"{'int4' if int4 else 'fp8'}:{n}x{k}"] = [(r[1], r[2]) for r in results]
+        out.setdefault("small_m_all", {})[f"fp8:{n}x{k}"] = [(r[1], r[2]) for r in results]
     return best
 
 
-def _tune_block(out, int4: bool, shapes, ms=(128, 2048, 8192), warm=False):
+def _tune_block(out, shapes, ms=(128, 2048, 8192), warm=False):
     """Time fp8_block configs (BLOCK_M, BLOCK_N, GROUP_M, warps, stages, tma) against cuBLAS on one weight."""
     from lowbit.kernels import fp8_block
     from lowbit.kernels.fp8_gemm import fp8_linear
@@ -260,32 +222,24 @@ def _tune_block(out, int4: bool, shapes, ms=(128, 2048, 8192), warm=False):
 
     configs = [(128, 128, 8, 8, 3), (128, 128, 8, 8, 4), (128, 256, 8, 8, 3), (128, 128, 8, 4, 4), (64, 128, 8, 4, 4),
                (256, 128, 8, 8, 3), (64, 64, 8, 4, 4)]
-    configs = [c + (t,) for c in configs for t in ((False,) if int4 else (False, True))]
+    configs = [c + (t,) for c in configs for t in (False, True)]
     res = {}
     for n, k in shapes:
-        if int4:
-            from lowbit.kernels.reference import pack_int32
-            from lowbit.kernels.w4a8 import w4a8_repack
-
-            w = w4a8_repack(pack_int32(torch.randint(0, 16, (n, k), device="cuda"), 4),
-                            torch.rand(n, math.ceil(k / 128), device="cuda") * 1e-2, 128, k)
-            wargs = (w.qweight, w.scales, w.rows)
-        else:
-            s = fp8_weight_sets(n, k, 1)[0]
-            wargs = (s["w"], s["block"].grid, s["block"].grid_rows)
+        s = fp8_weight_sets(n, k, 1)[0]
+        wargs = (s["w"], s["block"].grid, s["block"].grid_rows)
         one = torch.ones((), device="cuda")
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             xq, xs = quantize_fp8(x, "token_group", column_major_scales=True)
             cub = cub_block = None
-            if not warm and not int4:  # the peers on the same fp8 weight
+            if not warm:  # the peers on the same fp8 weight
                 cub = safe_us([lambda: torch._scaled_mm(xq, wargs[0].t(), one, one, out_dtype=torch.bfloat16)])
                 cub_block = safe_us([lambda: fp8_linear(xq, s["block"], "token_group", x_scale=xs,
                                                         out_dtype=torch.bfloat16, candidate="cublas_block")])
             line = []
             for cfg in configs:
                 def call(c=cfg):
-                    return fp8_block.fp8_block_gemm(xq, xs, True, wargs[0], wargs[1], wargs[2], n, k, w_int4=int4,
+                    return fp8_block.fp8_block_gemm(xq, xs, True, wargs[0], wargs[1], wargs[2], n, k,
                                                     config=c[:5], tma=c[5])
                 if warm:
                     try:
@@ -295,32 +249,27 @@ def _tune_block(out, int4: bool, shapes, ms=(128, 2048, 8192), warm=False):
                     continue
                 us = safe_us([call])
                 line.append((cfg, us))
-                res.setdefault(f"{'int4' if int4 else 'fp8'}:{m}", []).append((f"{n}x{k}", cfg, us, cub, cub_block))
+                res.setdefault(f"fp8:{m}", []).append((f"{n}x{k}", cfg, us, cub, cub_block))
             if warm:
                 continue
             ok = [c for c in line if c[1]]
             best = min(ok, key=lambda c: c[1]) if ok else None
-            print(f"  block {'int4' if int4 else 'fp8'} {n}x{k} M={m}: cuBLAS tensor {cub} us, cuBLAS block {cub_block} "
+            print(f"  block fp8 {n}x{k} M={m}: cuBLAS tensor {cub} us, cuBLAS block {cub_block} "
                   f"us; best {best}; all {[(c[0], round(c[1], 1) if c[1] else None) for c in line]}", flush=True)
-    out[f"block_{'int4' if int4 else 'fp8'}"] = res
+    out["block_fp8"] = res
 
 
-def tune(out_dir: str, parts=("small_fp8", "small_int4", "block_fp8", "block_int4"), warm=False, shapes=None,
+def tune(out_dir: str, parts=("small_fp8", "block_fp8"), warm=False, shapes=None,
          block_shapes=None) -> dict:
     """Time kernel configs; warm=True only compiles them on tiny shapes (run it in parallel processes first)."""
     out: dict = {}
     t0 = time.time()
     shapes = [(256, 512)] if warm else shapes or [s for v in SHAPES.values() for s in v]
     if "small_fp8" in parts:
-        out["small_m_fp8"] = _tune_small_m(out, False, shapes, warm=warm)
-    if "small_int4" in parts:
-        out["small_m_int4"] = _tune_small_m(out, True, shapes, warm=warm)
+        out["small_m_fp8"] = _tune_small_m(out, shapes, warm=warm)
     if "block_fp8" in parts:
-        _tune_block(out, False, [(256, 512)] if warm else block_shapes or [(2112, 7168), (7168, 16384), (4096, 7168)],
+        _tune_block(out, [(256, 512)] if warm else block_shapes or [(2112, 7168), (7168, 16384), (4096, 7168)],
                     ms=(128,) if warm else (128, 2048, 8192), warm=warm)
-    if "block_int4" in parts:
-        _tune_block(out, True, [(256, 512)] if warm else (block_shapes or [(4096, 7168), (28672, 4096)])[:2],
-                    ms=(128,) if warm else (2048, 8192), warm=warm)
     if warm:
         return out
     out["seconds"] = time.time() - t0

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench.common import gpu_name, print_table, rooflines, save_section
+from bench.common import copies_for, gpu_name, graph_replay_us, print_table, rooflines, save_section
 
 SHAPES = {  # per model: qkv (fused), o, gate (= up), down as (N, K)
     "llama3-8b": [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)],
@@ -35,15 +35,8 @@ QUICK_SHAPES = [(8192, 28672), (28672, 8192), (4096, 14336)]
 TUNE_M = [1, 16, 32, 64, 128, 256, 512, 1024, 4096]  # buckets in between take the nearest tuned one
 GROUP = 128
 INT4PACK_MAX_M = 256  # tinygemm is a decode kernel: 16 to 60x slower than cuBLAS at M=4096, not worth timing
-ROTATE_BYTES = 160 * 2**20
-
-
-def copies_for(nbytes: int, cap: int = 16) -> int:
-    return max(1, min(cap, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
-
-
 def graph_us(fns: list, budget_ms: float = 4.0, reps: int = 5) -> float:
-    """Median per-call microseconds of `fns` replayed round-robin from one CUDA graph."""
+    """Median per-call microseconds of `fns` replayed round-robin from one CUDA graph of about `budget_ms`."""
     for f in fns:
         f()
     torch.cuda.synchronize()
@@ -53,29 +46,7 @@ def graph_us(fns: list, budget_ms: float = 4.0, reps: int = 5) -> float:
     torch.cuda.synchronize()
     est_ms = (time.perf_counter() - t0) * 1e3 / len(fns)
     rounds = max(1, min(64, math.ceil(budget_ms / max(est_ms, 1e-3) / len(fns))))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(rounds):
-            for f in fns:
-                f()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (rounds * len(fns)))
-    del graph
-    return sorted(times)[len(times) // 2]
+    return graph_replay_us(fns, rounds, reps)
 
 
 def safe_us(fns, **kw) -> float | None:

@@ -34,7 +34,8 @@ M_QUICK = [1, 2, 4, 8, 16, 32, 64]
 def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
     from lowbit.kernels.quant_act import quantize_fp8
     from lowbit.kernels.reference import pack_int32
-    from lowbit.kernels.w4a16 import fp8act_config, w4a16_gemm, w4a16_gemm_fp8act
+    from lowbit.kernels.w4a16 import w4a16_gemm
+    from lowbit.kernels.w4a16_fp8act import fp8act_config, w4a16_gemm_fp8act
     from lowbit.kernels.w4a8 import fused_config, pick_candidate, w4a8_linear, w4a8_repack
 
     scales = torch.rand(n, math.ceil(k / 128), device="cuda", dtype=dtype) * 1e-2 + 1e-3

@@ -3,17 +3,15 @@
 Per K-block of 128 the fp8 MMA result is scaled before it is added (DeepSeek-V3 fine-grained scaling):
     acc[m, n] += (A[m, kb] @ W[n, kb]^T) * sa[m, kb] * sw[rb[n], kb]      (per-K scales)
     y[m, n]    = acc[m, n] * sa[m] * sw[n] + bias[n]                      (per-row scales, in the epilogue)
-Weights are fp8 e4m3 [N, K], or int4 (w4a8) turned into e4m3 in registers: q - 8 in [-8, 7] is exact.
 
 | operand | dtype / shape                                  | scale (fp32)                                     |
 |---------|------------------------------------------------|--------------------------------------------------|
 | A       | e4m3 [M, K]                                    | A_GROUP: [M, ceil(K/128)] (any strides; column-major is coalesced) / else [M] or [1] (stride 0) |
 | W fp8   | e4m3 [N, K]                                    | B_GRID: grid [R, ceil(K/128)] + rb [N] int32 (grid row of weight row n) / else [N] |
-| W int4  | int32 [ceil(K/128), N, 16] (K-block-major words, 8 values LSB-first, zero point 8) | grid [N, ceil(K/128)] with rb = arange(N) |
 | y       | fp16 / bf16 / fp32 [M, N]                       | bias [N] optional                                |
 
 The rb indirection serves block grids of fused layers whose shards are not multiples of the block
-(each shard starts a new grid row) and int4 group scales with one code path.
+(each shard starts a new grid row); w4a8's int4 -> e4m3 scratch uses it with 1 x 128 group scales.
 """
 
 from __future__ import annotations
@@ -35,30 +33,18 @@ CONFIGS = {
 
 
 @triton.jit
-def load_w_tile(w_ptr, offs_n, k0, N, K, stride_wn, stride_wk,
-                W_INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight tile [BLOCK_N, BLOCK_K] as e4m3 for the K-block starting at k0."""
-    if W_INT4:
-        offs_w = tl.arange(0, BLOCK_K // 8)
-        ptrs = w_ptr + (k0 // BLOCK_K) * stride_wk + offs_n[:, None] * stride_wn + offs_w[None, :]
-        words = tl.load(ptrs, mask=offs_n[:, None] < N, other=0)  # [BN, BK/8] int32
-        q = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15  # [BN, BK/8, 8], k = 8 * word + j
-        q = tl.reshape(q, (BLOCK_N, BLOCK_K))
-        # fp16 bits 0x6400 | q are 1024 + q: subtracting 1032 gives q - 8 exactly, then an exact e4m3 cvt
-        w16 = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
-        w = w16.to(tl.float8e4nv)
-    else:
-        kk = k0 + tl.arange(0, BLOCK_K)
-        ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
-        w = tl.load(ptrs, mask=(offs_n[:, None] < N) & (kk[None, :] < K), other=0.0)
-    return w
+def load_w_tile(w_ptr, offs_n, k0, N, K, stride_wn, stride_wk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """e4m3 weight tile [BLOCK_N, BLOCK_K] of the K-block starting at k0 (zeros past N and K)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :] * stride_wk
+    return tl.load(ptrs, mask=(offs_n[:, None] < N) & (kk[None, :] < K), other=0.0)
 
 
 @triton.jit
 def fp8_block_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, rb_ptr, bias_ptr, y_ptr,
     M, N, K, stride_am, stride_asm, stride_ask, stride_wn, stride_wk, stride_wsr, stride_ym,
-    A_GROUP: tl.constexpr, B_GRID: tl.constexpr, W_INT4: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
+    A_GROUP: tl.constexpr, B_GRID: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # TMA: a_ptr / w_ptr are host tensor descriptors (blocks [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K], OOB = 0)
@@ -87,7 +73,7 @@ def fp8_block_gemm_kernel(
             w = w_ptr.load([pid_n * BLOCK_N, k0])
         else:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (k0 + offs_k[None, :] < K), other=0.0)  # [BM, BK] e4m3
-            w = load_w_tile(w_ptr, offs_n, k0, N, K, stride_wn, stride_wk, W_INT4, BLOCK_N, BLOCK_K)
+            w = load_w_tile(w_ptr, offs_n, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K)
         if A_GROUP or B_GRID:
             part = tl.dot(a, tl.trans(w))
             kb = k0 // BLOCK_K
@@ -116,9 +102,9 @@ def fp8_block_gemm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def tma_ok(a: torch.Tensor, w: torch.Tensor, w_int4: bool) -> bool:
+def tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     """TMA descriptors need 16-byte aligned bases and row strides (K % 16 == 0) and a unit inner stride."""
-    return (not w_int4 and a.stride(1) == 1 and w.stride(1) == 1 and a.stride(0) % 16 == 0 and w.stride(0) % 16 == 0
+    return (a.stride(1) == 1 and w.stride(1) == 1 and a.stride(0) % 16 == 0 and w.stride(0) % 16 == 0
             and a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
 
 
@@ -131,7 +117,7 @@ def block_config(m: int, tuned: dict | None = None) -> tuple[int, int, int, int,
 
 
 def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_group: bool, w: torch.Tensor, w_scale: torch.Tensor,
-                   w_rows: torch.Tensor | None, n: int, k: int, w_int4: bool = False, bias: torch.Tensor | None = None,
+                   w_rows: torch.Tensor | None, n: int, k: int, bias: torch.Tensor | None = None,
                    out_dtype: torch.dtype = torch.bfloat16, config: tuple | None = None,
                    tma: bool = False) -> torch.Tensor:
     """y [M, N] = scaled fp8 GEMM (see the table). a_scale: [M, ceil(K/128)] (a_group) or [M, 1] / [1];
@@ -151,19 +137,16 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_group: bool, w: tor
         stride_asm, stride_ask = a_scale.stride(0), a_scale.stride(1)
     else:
         stride_asm, stride_ask = (a_scale.stride(0) if a_scale.numel() > 1 else 0), 0
-    if w_int4:
-        stride_wn, stride_wk = w.stride(1), w.stride(0)  # [ceil(K/128), N, 16] words
-    else:
-        stride_wn, stride_wk = w.stride(0), w.stride(1)
+    stride_wn, stride_wk = w.stride(0), w.stride(1)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     a_arg, w_arg = a, w
-    if tma and tma_ok(a, w, w_int4):
+    if tma and tma_ok(a, w):
         a_arg = TensorDescriptor.from_tensor(a, [block_m, BLOCK_K])
         w_arg = TensorDescriptor.from_tensor(w, [block_n, BLOCK_K])
     fp8_block_gemm_kernel[grid](
         a_arg, a_scale, w_arg, w_scale, w_rows if w_rows is not None else w_scale, bias if bias is not None else y, y,
         m, n, k, a.stride(0), stride_asm, stride_ask, stride_wn, stride_wk,
         w_scale.stride(0) if w_rows is not None else 0, y.stride(0),
-        A_GROUP=a_group, B_GRID=w_rows is not None, W_INT4=w_int4, HAS_BIAS=bias is not None, TMA=a_arg is not a,
+        A_GROUP=a_group, B_GRID=w_rows is not None, HAS_BIAS=bias is not None, TMA=a_arg is not a,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=group_m, num_warps=warps, num_stages=stages)
     return y

@@ -3,7 +3,7 @@
 y^T [N, M] = sum over K-splits of W [N, K] @ xq^T [K, M]: the weight rows are the MMA's M side (BLOCK_N >= 16),
 the tokens its N side (BLOCK_M = 16..128 per program; more tokens are more M tiles on program axis 2), so no
 MMA lane idles on padding rows of W. Scales as in fp8_block.py: per K-block of 128 (activation groups, weight
-block grids, int4 groups) inside the loop, per row / per tensor in the epilogue. With SPLIT > 1 each program
+block grids) inside the loop, per row / per tensor in the epilogue. With SPLIT > 1 each program
 stores an fp32 partial of its real rows only ([min(BLOCK_M, M), BLOCK_N]: at M = 1 that is 1/16 of the padded
 tile); the last program of an (N, M) tile to arrive (ticket counter, acq_rel) sums the partials in split order
 (deterministic), writes y and resets its counter to 0, so no memset is launched. Partial bytes grow as
@@ -22,7 +22,7 @@ budgets absorb that.
 | 2      | 16-bit [M, K]             | static: xs [1]; x * (1 / xs) rounded in-kernel                 |
 | 3      | 16-bit [M, K]             | dynamic token_group 128 computed per K-block in-kernel (UE8M0)  |
 | 4 / 5  | 16-bit [M, K]             | dynamic token / tensor: an amax prologue reads the whole x (5: one M tile) |
-Weights: e4m3 [N, K] or int4 words [ceil(K/128), N, 16]; weight scale [N] or grid + rb (fp8_block.py).
+Weights: e4m3 [N, K]; weight scale [N] or grid + rb (fp8_block.py).
 Workspace: part fp32 [SPLIT, M, N] (torch.empty per call), counters int32 [>= M tiles * ceil(N/BLOCK_N)] zeros.
 """
 
@@ -36,7 +36,7 @@ from lowbit.kernels.fp8_block import BLOCK_K, load_w_tile
 from lowbit.kernels.quant_act import fp8_scale, quantize_tile_rcp, soft_cast
 
 A_FP8_ROW, A_FP8_GROUP, A_STATIC, A_DYN_GROUP, A_DYN_TOKEN, A_DYN_TENSOR = range(6)
-MAX_M = 64  # one M tile (w4a8.py's decode range; A_DYN_TENSOR needs all rows in one tile)
+MAX_M = 64  # one M tile (A_DYN_TENSOR needs all rows in one tile)
 MAX_M_TILED = 256  # several M tiles: the mid-M range of fp8_gemm.py
 
 
@@ -80,7 +80,7 @@ def fp8_small_m_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, rb_ptr, bias_ptr, part_ptr, cnt_ptr, y_ptr,
     M, N, K, k_split, n_split,  # k_split: K per split, a multiple of BLOCK_K; n_split: number of splits
     stride_xm, stride_xsm, stride_xsk, stride_wn, stride_wk, stride_wsr, stride_ym,
-    A_MODE: tl.constexpr, UE8M0: tl.constexpr, B_GRID: tl.constexpr, W_INT4: tl.constexpr,
+    A_MODE: tl.constexpr, UE8M0: tl.constexpr, B_GRID: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SOFT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -113,7 +113,7 @@ def fp8_small_m_kernel(
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        w = load_w_tile(w_ptr, offs_n, k0, N, K, stride_wn, stride_wk, W_INT4, BLOCK_N, BLOCK_K)  # [BN, BK]
+        w = load_w_tile(w_ptr, offs_n, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K)  # [BN, BK]
         x, sa_k, sb = _x_load(x_ptr, xs_ptr, sw_rows, offs_m, mask_m, mask_n, k0, k_hi, stride_xm, stride_xsm,
                               stride_xsk, A_MODE, B_GRID, BLOCK_N, BLOCK_M, BLOCK_K)
         xq, sa = _x_quant(x, sa_k, sa_row, A_MODE, UE8M0, SOFT)
@@ -183,10 +183,10 @@ def small_m_config(n: int, k: int, sms: int = 132, tuned: dict | None = None, m:
 
 
 def fp8_small_m(x: torch.Tensor, x_scale: torch.Tensor | None, a_mode: int, w: torch.Tensor, w_scale: torch.Tensor,
-                w_rows: torch.Tensor | None, counters: torch.Tensor, n: int, k: int, w_int4: bool = False,
+                w_rows: torch.Tensor | None, counters: torch.Tensor, n: int, k: int,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, ue8m0: bool = False,
                 config: tuple | None = None) -> torch.Tensor:
-    """y [M, N] for M <= MAX_M_TILED (see the table); callers validate the weights (fp8_gemm.py, w4a8.py).
+    """y [M, N] for M <= MAX_M_TILED (see the table); callers validate the weights (fp8_gemm.py).
     config: (BLOCK_N, splits, num_warps, num_stages[, BLOCK_M cap, default 64])."""
     m = x.shape[0]
     max_m = MAX_M if a_mode == A_DYN_TENSOR else MAX_M_TILED
@@ -216,12 +216,11 @@ def fp8_small_m(x: torch.Tensor, x_scale: torch.Tensor | None, a_mode: int, w: t
         stride_xsm, stride_xsk = xs.stride(0), xs.stride(1)
     else:
         stride_xsm, stride_xsk = (xs.stride(0) if a_mode == A_FP8_ROW and xs.numel() > 1 else 0), 0
-    stride_wn, stride_wk = (w.stride(1), w.stride(0)) if w_int4 else (w.stride(0), w.stride(1))
     fp8_small_m_kernel[(tiles, splits, m_tiles)](
         x, xs, w, w_scale, w_rows if w_rows is not None else w_scale, bias if bias is not None else y, part,
-        counters, y, m, n, k, k_split, splits, x.stride(0), stride_xsm, stride_xsk, stride_wn, stride_wk,
+        counters, y, m, n, k, k_split, splits, x.stride(0), stride_xsm, stride_xsk, w.stride(0), w.stride(1),
         w_scale.stride(0) if w_rows is not None else 0, y.stride(0),
-        A_MODE=a_mode, UE8M0=ue8m0, B_GRID=w_rows is not None, W_INT4=w_int4, HAS_BIAS=bias is not None,
+        A_MODE=a_mode, UE8M0=ue8m0, B_GRID=w_rows is not None, HAS_BIAS=bias is not None,
         SPLIT=splits > 1, SOFT=soft_cast(), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=BLOCK_K,
         num_warps=warps, num_stages=stages)
     return y

@@ -12,7 +12,7 @@ input_scale, max'ed over fused shards by the caller), token_group 128 (DeepSeek 
 Candidates (`pick_candidate`; M thresholds in configs/w4a8_select.json, measured by bench/kernels/w4a8.py):
 | name           | path                                                                                   |
 |----------------|----------------------------------------------------------------------------------------|
-| fused          | the w4a16 decode kernel in fp8-activation mode (w4a16.w4a16_gemm_fp8act): int4 unpacked  |
+| fused          | the w4a16 decode kernel in fp8-activation mode (w4a16_fp8act.w4a16_gemm_fp8act): int4 unpacked  |
 |                | in registers, x quantized on its load (static / token_group; token and tensor_dynamic   |
 |                | take quantize_fp8 first), exact fp16 MMAs, w4a16's tuned split-K tiles; M <= 64          |
 | dequant_cublas | int4 -> e4m3 weight scratch [N, Kp] (one pass), quantize_fp8, then cuBLAS F.scaled_mm   |
@@ -24,7 +24,7 @@ Candidates (`pick_candidate`; M thresholds in configs/w4a8_select.json, measured
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -33,9 +33,8 @@ import triton.language as tl
 from lowbit.kernels import fp8_block
 from lowbit.kernels.fp8_gemm import _device_ok, load_config
 from lowbit.kernels.quant_act import GRANULARITIES, quantize_fp8
-from lowbit.kernels.reference import pack_int32
-from lowbit.kernels.w4a16 import FP8_ACT_MAX_M, W4A16Weights, fp8act_config, w4a16_gemm_fp8act, w4a16_repack
-from lowbit.kernels.w4a16_layout import w4a16_unpack
+from lowbit.kernels.w4a16 import W4A16Weights, w4a16_repack
+from lowbit.kernels.w4a16_fp8act import FP8_ACT_MAX_M, fp8act_config, w4a16_gemm_fp8act
 
 GROUP_SIZE = 128
 CANDIDATES = ("fused", "dequant", "dequant_cublas")
@@ -50,37 +49,6 @@ class W4A8Weights:
     w16: W4A16Weights  # symmetric int4, G = 128, in the w4a16 kernel layout
     n: int
     k: int
-    _legacy: dict = field(default_factory=dict, repr=False)
-
-    # The fp8-MMA int4 operands (W_INT4 of fp8_small_m.py / fp8_block.py: word w of a 128-column block holds
-    # columns 8w..8w+7), which bench/kernels/fp8.py tunes; no lowbit path reads them. Built on first access.
-    @property
-    def qweight(self) -> torch.Tensor:  # [ceil(K/128), N, 16] int32
-        return self._legacy_operands()["qweight"]
-
-    @property
-    def scales(self) -> torch.Tensor:  # [N, ceil(K/128)] fp32
-        return self._legacy_operands()["scales"]
-
-    @property
-    def rows(self) -> torch.Tensor:  # [N] int32 = arange(N)
-        return self._legacy_operands()["rows"]
-
-    @property
-    def counters(self) -> torch.Tensor:  # split-K tickets, zeros
-        return self._legacy_operands()["counters"]
-
-    def _legacy_operands(self) -> dict:
-        if not self._legacy:
-            q, scales, _ = w4a16_unpack(self.w16)  # [N, K] canonical
-            nkb = math.ceil(self.k / GROUP_SIZE)
-            q = torch.nn.functional.pad(q, (0, nkb * GROUP_SIZE - self.k), value=8)
-            words = pack_int32(q, 4).view(self.n, nkb, 16).permute(1, 0, 2).contiguous()
-            dev = words.device
-            self._legacy.update(qweight=words, scales=scales.float().contiguous(),
-                                rows=torch.arange(self.n, dtype=torch.int32, device=dev),
-                                counters=torch.zeros(triton.cdiv(self.n, 16) * 16, dtype=torch.int32, device=dev))
-        return self._legacy
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lowbit.kernels import reference as ref
-from lowbit.kernels.w4a16 import fp8act_config, w4a16_gemm_fp8act
+from lowbit.kernels.w4a16_fp8act import fp8act_config, w4a16_gemm_fp8act
 from lowbit.kernels.w4a16_layout import w4a16_repack, w4a16_unpack
 from lowbit.kernels.w4a8 import int4_to_fp8, pick_candidate, w4a8_can_implement, w4a8_linear, w4a8_repack
 
