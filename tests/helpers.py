@@ -56,9 +56,22 @@ def hf_config(arch: str, **overrides):
 
     kw = dict(TINY)
     kw.update(overrides)
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[arch]
-    if arch == "qwen3":
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "qwen2_moe": transformers.Qwen2MoeConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
+           "deepseek_v3": transformers.DeepseekV3Config}[arch]
+    if arch in ("qwen3", "qwen3_moe"):
         kw.setdefault("head_dim", 16)
+    if arch.endswith("_moe"):  # 8 routed experts, top 2 (qwen2_moe: plus a shared expert with a sigmoid gate)
+        for k, v in dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                         decoder_sparse_step=1, mlp_only_layers=[]).items():
+            kw.setdefault(k, v)
+        if arch == "qwen2_moe":
+            kw.setdefault("shared_expert_intermediate_size", 64)
+    if arch == "deepseek_v3":  # MLA attention, 8 routed experts top 2 + 1 shared expert, every layer MoE
+        for k, v in dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                         first_k_dense_replace=0, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
+                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16).items():
+            kw.setdefault(k, v)
     return cls(**kw)
 
 

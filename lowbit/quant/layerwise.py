@@ -8,6 +8,7 @@ it (the rest of the layer, the next layers) sees the quantized model.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,9 @@ SMOOTH_SOURCES = {
     "mlp.down_proj": "mlp.up_proj",
 }
 NO_CLIP = ("q_proj", "k_proj")
+# MoE: the input-side linears of routed experts and shared experts; 16-bit modules reading the same input
+MOE_INPUT = re.compile(r"^(.*mlp)\.(experts\.\d+|shared_experts?)\.(gate_proj|up_proj|w1|w3)$")
+MOE_PASSENGERS = ("gate", "shared_expert_gate")
 # fewer calibration tokens than this reached a linear (a rarely routed MoE expert): no usable H, RTN instead
 MIN_TOKENS = 16
 
@@ -39,6 +43,7 @@ class LinearReport:
     error: float | None  # ||W X - Q X||^2 / ||W X||^2 on the calibration inputs
     rtn_error: float | None = None  # the same for round-to-nearest on the same inputs
     note: str = ""
+    tokens: int | None = None  # calibration tokens that reached it (MoE experts: the tokens routed to them)
 
 
 def _split_rows(r: IntQuant, sizes: list[int]) -> list[IntQuant]:
@@ -51,16 +56,23 @@ def _split_rows(r: IntQuant, sizes: list[int]) -> list[IntQuant]:
 
 
 def quantize_group(recipe: Recipe, names: list[str], linears: list[nn.Linear], stats: InputStats | None,
-                   scale_dtype: torch.dtype, rtn_h: torch.Tensor | None = None, rtn_w: torch.Tensor | None = None
+                   scale_dtype: torch.dtype, rtn_h: torch.Tensor | None = None, rtn_w: torch.Tensor | None = None,
+                   quotient_dtype: torch.dtype | None = None, fallback_amax: torch.Tensor | None = None
                    ) -> tuple[dict[str, QuantizedModule], list[LinearReport]]:
     """Quantize linears that read the same input; `rtn_w`/`rtn_h`: the pre-smoothing weight and H for the
-    RTN comparison (AWQ), else the current ones."""
+    RTN comparison (AWQ), else the current ones. `quotient_dtype`: the RTN algorithm rounds w / scale in it
+    (rtn.py). `fallback_amax`: the static activation amax for a group no calibration token reached (an
+    unrouted MoE expert: the largest amax of its sibling experts)."""
     s = recipe.scheme
     sizes = [m.out_features for m in linears]
     w = torch.cat([m.weight.data.float() for m in linears])  # [sum N, K]
     h = stats.hessian if stats is not None and stats.count >= MIN_TOKENS else None
     modules, reports, dq = {}, [], None
     amax = stats.amax.max() if stats is not None and stats.amax is not None else None
+    count = stats.count if stats is not None else 0
+    amax_note = ""
+    if amax is None and fallback_amax is not None and s.static_input_scale:
+        amax, amax_note = fallback_amax, "input scale of its sibling experts (no calibration token)"
     if s.is_int:
         k = w.shape[1]
         group = s.effective_group(k)
@@ -75,7 +87,8 @@ def quantize_group(recipe: Recipe, names: list[str], linears: list[nn.Linear], s
             clip = None
             if recipe.algorithm == "awq" and h is not None and not any(n.endswith(NO_CLIP) for n in names):
                 clip = awq.search_clip(w, h, s.bits, group, s.symmetric, scale_dtype=scale_dtype)
-            quant = rtn(w, s.bits, group, s.symmetric, clip, scale_dtype)
+            qd = quotient_dtype if recipe.algorithm == "rtn" else None
+            quant = rtn(w, s.bits, group, s.symmetric, clip, scale_dtype, qd)
             dq = dequantize_int(quant.q, quant.scales, quant.zeros, s.bits, group)
         parts = _split_rows(quant, sizes)
         for name, m, part in zip(names, linears, parts):
@@ -100,7 +113,8 @@ def quantize_group(recipe: Recipe, names: list[str], linears: list[nn.Linear], s
                 h0 = rtn_h if rtn_h is not None else h
                 rerr = relative_error(w0, fake_quantize(w0, s.bits, s.effective_group(w.shape[1]), s.symmetric,
                                                         scale_dtype=scale_dtype), h0)
-        reports.append(LinearReport(name, (n, w.shape[1]), err, rerr, note if s.is_int else ""))
+        text = "; ".join(t for t in ((note if s.is_int else ""), amax_note) if t)
+        reports.append(LinearReport(name, (n, w.shape[1]), err, rerr, text, count if stats is not None else None))
         m.weight.data = wq.to(m.weight.dtype)
         row += n
     return modules, reports
@@ -109,7 +123,7 @@ def quantize_group(recipe: Recipe, names: list[str], linears: list[nn.Linear], s
 def awq_smooth(recipe: Recipe, layer: nn.Module, rel_names: list[str], stats: InputStats,
                scale_dtype: torch.dtype) -> str:
     """Search the group's smoothing scale, fold it into its producer; returns a note for the report."""
-    source_name = SMOOTH_SOURCES.get(rel_names[0])
+    source_name = smooth_source(rel_names[0])
     linears = [layer.get_submodule(n) for n in rel_names]
     k = linears[0].in_features
     source = _get(layer, source_name)
@@ -134,6 +148,55 @@ def awq_smooth(recipe: Recipe, layer: nn.Module, rel_names: list[str], stats: In
         awq.scale_columns(m, scale)
     stats.rescale(scale)
     return f"smoothing into {source_name}: loss x{best / max(base, 1e-30):.3f}"
+
+
+def smooth_source(rel_name: str) -> str | None:
+    """The producer of a group's input: SMOOTH_SOURCES, or X.up_proj for any X.down_proj (MoE experts)."""
+    if rel_name in SMOOTH_SOURCES:
+        return SMOOTH_SOURCES[rel_name]
+    if rel_name.endswith(".down_proj"):
+        return rel_name[: -len("down_proj")] + "up_proj"
+    return None
+
+
+def moe_input_groups(layer: nn.Module, groups: list[list[str]]) -> tuple[str, list[list[str]]] | None:
+    """(MoE block name, the groups that read its input: every routed expert's gate/up and the shared
+    experts' gate/up), or None for a dense layer."""
+    found = [(m.group(1), g) for g in groups if (m := MOE_INPUT.match(g[0]))]
+    if not found:
+        return None
+    block = found[0][0]
+    return block, [g for b, g in found if b == block]
+
+
+def moe_smooth(recipe: Recipe, layer: nn.Module, block: str, joint: list[tuple[list[str], InputStats]],
+               block_stats: InputStats, scale_dtype: torch.dtype) -> str:
+    """AWQ for a MoE block: one smoothing scale for all linears that read its input (every expert's gate/up,
+    the shared experts'), searched on the block's whole input (all tokens; each expert sees a routed subset),
+    folded into post_attention_layernorm. The router and the shared-expert gate read the same input and stay
+    16-bit: their columns take the scale too, so routing is unchanged."""
+    source = _get(layer, "post_attention_layernorm")
+    if source is None or getattr(source, "weight", None) is None:
+        return "no smoothing (post_attention_layernorm not found)"
+    if block_stats.count < MIN_TOKENS:
+        return f"no smoothing ({block_stats.count} calibration tokens)"
+    s = recipe.scheme
+    linears = [layer.get_submodule(n) for g, _ in joint for n in g]
+    k = linears[0].in_features
+    w = torch.cat([m.weight.data.float() for m in linears])
+    scale, best, base = awq.search_scale(w, block_stats.hessian, block_stats.abs_mean, s.bits, s.effective_group(k),
+                                         s.symmetric, scale_dtype=scale_dtype)
+    awq.fold_into_norm(source, scale)
+    for m in linears:
+        awq.scale_columns(m, scale)
+    for name in MOE_PASSENGERS:
+        p = _get(layer, f"{block}.{name}")
+        if p is not None and getattr(p, "weight", None) is not None and p.weight.shape[-1] == k:
+            awq.scale_columns(p, scale)
+    for _, st in joint:
+        if st.amax is not None:
+            st.rescale(scale)
+    return f"smoothing {len(joint)} expert input groups into post_attention_layernorm: loss x{best / max(base, 1e-30):.3f}"
 
 
 def _get(layer: nn.Module, name: str | None) -> nn.Module | None:

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from lowbit.formats.base import QuantizedModule, matches_any
 from lowbit.quant.capture import (InputStats, collect, decoder_layers, first_layer_inputs, linear_groups, run_layer,
                                   run_until_stop)
-from lowbit.quant.layerwise import LinearReport, awq_smooth, quantize_group
+from lowbit.quant.layerwise import LinearReport, awq_smooth, moe_input_groups, moe_smooth, quantize_group
+from lowbit.quant.moe import complete_groups, is_expert, stage_key, stages, unfuse_experts
 from lowbit.quant.recipes import Recipe
 
 # kept 16-bit unless asked otherwise: the LM head and MoE routers (embeddings and norms are not Linear)
@@ -44,11 +45,6 @@ class QuantResult:
 
 def _layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     return next(n for n, m in model.named_modules() if m is layers)
-
-
-def fused_experts(model: nn.Module) -> list[str]:
-    """MoE experts stored as one [E, ...] parameter (transformers 5's Qwen/DeepSeek MoE): not nn.Linear."""
-    return [n for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in f".{n}"]
 
 
 def _is_expert(name: str) -> bool:
@@ -71,24 +67,25 @@ def quantize_hf_model(model: nn.Module, recipe: Recipe, samples: torch.Tensor | 
     """Quantize `model` in place (its weights become the dequantized values) and return the result."""
     model.eval()
     device = next(model.parameters()).device
-    fused = fused_experts(model)
-    if fused and recipe.experts_only:
-        raise NotImplementedError(f"{recipe.name} quantizes MoE experts, but this model keeps them as fused 3-D "
-                                  f"parameters ({fused[0]}, ...; transformers >= 5), which lowbit cannot quantize yet")
+    unfused = unfuse_experts(model)  # transformers' 3-D experts -> one Linear per expert (moe.py)
     targets, skipped = quant_targets(model, recipe, ignore)
     if not targets:
         raise ValueError(f"no Linear module left to quantize (ignore patterns: {list(ignore)})")
     if recipe.needs_calibration and samples is None:
         raise ValueError(f"scheme {recipe.name} needs calibration samples")
     result = QuantResult(recipe, {}, {}, skipped)
-    if fused:
-        result.notes["experts"] = f"{len(fused)} fused 3-D expert tensors left 16-bit (not supported yet)"
+    if unfused:
+        result.notes["experts"] = f"{unfused} fused MoE expert modules split into per-expert linears"
+    # RTN rounds w / scale in the checkpoint's 16-bit dtype, as compressed-tensors does (rtn.py)
+    qd = checkpoint_dtype if recipe.algorithm == "rtn" and checkpoint_dtype in (torch.bfloat16, torch.float16) else None
+    ctx = _Ctx(recipe, scale_dtype, result, qd)
     t0 = time.perf_counter()
     if recipe.needs_calibration:
-        _calibrated(model, recipe, samples, set(targets), batch_size, scale_dtype, result, progress, device)
+        _calibrated(model, ctx, samples, set(targets), batch_size, progress, device)
     else:
         for name in tqdm(targets, desc=f"{recipe.name}", disable=not progress, leave=False):
-            mods, reps = quantize_group(recipe, [name], [model.get_submodule(name)], None, scale_dtype)
+            mods, reps = quantize_group(recipe, [name], [model.get_submodule(name)], None, scale_dtype,
+                                        quotient_dtype=qd)
             _store(result, mods, reps)
     result.seconds["quantize"] = time.perf_counter() - t0
     result.plain = _plain_tensors(model, result.modules, checkpoint_dtype)
@@ -98,52 +95,90 @@ def quantize_hf_model(model: nn.Module, recipe: Recipe, samples: torch.Tensor | 
     return result
 
 
-def _calibrated(model, recipe, samples, targets, batch_size, scale_dtype, result, progress, device):
+@dataclass
+class _Ctx:
+    recipe: Recipe
+    scale_dtype: torch.dtype
+    result: QuantResult
+    quotient_dtype: torch.dtype | None
+
+
+def _calibrated(model, ctx: _Ctx, samples, targets, batch_size, progress, device):
     layers = decoder_layers(model)
     prefix = _layers_prefix(model, layers)
     t0 = time.perf_counter()
     inputs = first_layer_inputs(model, samples, batch_size, device, progress)
-    result.seconds["capture"] = time.perf_counter() - t0
-    for i, layer in enumerate(tqdm(layers, desc=f"{recipe.name} layers", disable=not progress)):
+    ctx.result.seconds["capture"] = time.perf_counter() - t0
+    for i, layer in enumerate(tqdm(layers, desc=f"{ctx.recipe.name} layers", disable=not progress)):
         lp = f"{prefix}.{i}"
-        groups = [[n for n in g if f"{lp}.{n}" in targets] for g in linear_groups(layer, inputs[0])]
-        groups = [g for g in groups if g]
-        if recipe.algorithm == "gptq":
-            for g in groups:  # true-sequential: each group sees the quantized groups before it
-                stats = InputStats(want_hessian=True)
-                handle = collect(layer.get_submodule(g[0]), stats, stop=True)
-                try:
-                    run_until_stop(layer, inputs)
-                finally:
-                    handle.remove()
-                _finish_group(recipe, layer, lp, g, stats, scale_dtype, result)
+        mine = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and f"{lp}.{n}" in targets]
+        groups = complete_groups(linear_groups(layer, inputs[0]), mine)
+        groups = [g for g in ([n for n in g if n in mine] for g in groups) if g]
+        if ctx.recipe.algorithm == "gptq":
+            for stage in stages(groups):  # true-sequential: each stage sees the quantized stages before it
+                all_stats = _collect(layer, inputs, stage, want_h=True)
+                for g, st in zip(stage, all_stats):
+                    _finish_group(ctx, layer, lp, g, st, fallback=_stage_amax(all_stats))
         else:
-            want_h = recipe.algorithm == "awq"
-            all_stats = [InputStats(want_hessian=want_h) for _ in groups]
-            handles = [collect(layer.get_submodule(g[0]), st, stop=False) for g, st in zip(groups, all_stats)]
-            try:
-                run_until_stop(layer, inputs)
-            finally:
-                for h in handles:
-                    h.remove()
-            originals = {}
-            if recipe.algorithm == "awq":
-                for g, st in zip(groups, all_stats):
-                    originals[g[0]] = (torch.cat([layer.get_submodule(n).weight.data.float() for n in g]),
-                                       st.hessian.clone())
-                for g, st in zip(groups, all_stats):
-                    result.notes[f"{lp}.{g[0]}"] = awq_smooth(recipe, layer, g, st, scale_dtype)
-            for g, st in zip(groups, all_stats):
-                w0, h0 = originals.get(g[0], (None, None))
-                _finish_group(recipe, layer, lp, g, st, scale_dtype, result, h0, w0)
+            _smoothed_or_static(ctx, layer, lp, groups, inputs)
         inputs = run_layer(layer, inputs)
 
 
-def _finish_group(recipe, layer, lp, rel_names, stats, scale_dtype, result, rtn_h=None, rtn_w=None):
+def _collect(layer, inputs, groups, want_h, extra=None) -> list[InputStats]:
+    """One forward of the layer feeding every group's input stats (stops early when it is a single group).
+    `extra`: (module name, stats) for the input of a module (the MoE block) that is no group's."""
+    all_stats = [InputStats(want_hessian=want_h) for _ in groups]
+    single = len(groups) == 1 and extra is None
+    handles = [collect(layer.get_submodule(g[0]), st, stop=single) for g, st in zip(groups, all_stats)]
+    if extra is not None:
+        handles.append(collect(layer.get_submodule(extra[0]), extra[1], stop=False))
+    try:
+        run_until_stop(layer, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return all_stats
+
+
+def _stage_amax(all_stats: list[InputStats]) -> torch.Tensor | None:
+    seen = [st.amax.max() for st in all_stats if st.amax is not None]
+    return torch.stack(seen).max() if seen else None
+
+
+def _smoothed_or_static(ctx: _Ctx, layer, lp, groups, inputs) -> None:
+    """AWQ and static activation scales: one forward for every group's stats (float weights), AWQ's
+    smoothing folded group by group (the MoE block's input-side linears jointly), then every group quantized."""
+    awq_on = ctx.recipe.algorithm == "awq"
+    moe = moe_input_groups(layer, groups) if awq_on else None
+    block_stats = InputStats(want_hessian=True) if moe else None
+    all_stats = _collect(layer, inputs, groups, awq_on, (moe[0], block_stats) if moe else None)
+    originals = {}
+    if awq_on:
+        for g, st in zip(groups, all_stats):
+            originals[g[0]] = (torch.cat([layer.get_submodule(n).weight.data.float() for n in g]),
+                               st.hessian.clone() if st.hessian is not None else None)
+        if moe:
+            joint = [(g, st) for g, st in zip(groups, all_stats) if g in moe[1]]
+            ctx.result.notes[f"{lp}.{moe[0]}"] = moe_smooth(ctx.recipe, layer, moe[0], joint, block_stats,
+                                                            ctx.scale_dtype)
+        for g, st in zip(groups, all_stats):
+            if not moe or g not in moe[1]:
+                ctx.result.notes[f"{lp}.{g[0]}"] = awq_smooth(ctx.recipe, layer, g, st, ctx.scale_dtype)
+    fallbacks = {}
+    for g, st in zip(groups, all_stats):
+        fallbacks.setdefault(stage_key(g[0]), []).append(st)
+    for g, st in zip(groups, all_stats):
+        w0, h0 = originals.get(g[0], (None, None))
+        _finish_group(ctx, layer, lp, g, st, h0, w0, fallback=_stage_amax(fallbacks[stage_key(g[0])]))
+
+
+def _finish_group(ctx: _Ctx, layer, lp, rel_names, stats, rtn_h=None, rtn_w=None, fallback=None):
     linears = [layer.get_submodule(n) for n in rel_names]
     names = [f"{lp}.{n}" for n in rel_names]
-    mods, reps = quantize_group(recipe, names, linears, stats, scale_dtype, rtn_h, rtn_w)
-    _store(result, mods, reps)
+    mods, reps = quantize_group(ctx.recipe, names, linears, stats, ctx.scale_dtype, rtn_h, rtn_w,
+                                quotient_dtype=ctx.quotient_dtype,
+                                fallback_amax=fallback if is_expert(rel_names[0]) else None)
+    _store(ctx.result, mods, reps)
 
 
 def _store(result: QuantResult, mods: dict[str, QuantizedModule], reps: list[LinearReport]) -> None:

@@ -37,6 +37,7 @@ def build_report(result: QuantResult, model_dir: str, out_dir: str | None, fmt: 
         "summary": error_summary(result.reports),
         "notes": result.notes,
         "layers": [{"name": r.name, "shape": list(r.shape), "error": r.error, "rtn_error": r.rtn_error,
+                    **({"tokens": r.tokens} if r.tokens is not None else {}),
                     **({"note": r.note} if r.note else {})} for r in result.reports],
     }
 
@@ -59,5 +60,10 @@ def print_summary(report: dict) -> None:
     fallback = [l["name"] for l in report["layers"] if l.get("note", "").startswith("RTN fallback")]
     if fallback:
         print(f"  RTN fallback (too few calibration tokens reached them): {len(fallback)} linears, e.g. {fallback[0]}")
+    experts = [l for l in report["layers"] if ".experts." in l["name"] and "tokens" in l]
+    if experts:
+        toks = sorted(l["tokens"] for l in experts)
+        print(f"  MoE expert linears: {len(experts)}, calibration tokens routed to each: min {toks[0]}, "
+              f"median {toks[len(toks) // 2]}, max {toks[-1]}")
     if report["size_before_bytes"] is not None:
         print(f"  weights on disk: {_mb(report['size_before_bytes'])} -> {_mb(report['size_after_bytes'])}")

@@ -4,8 +4,11 @@ The grid is the one GPTQ (Frantar et al. 2022) and compressed-tensors use, so ch
   symmetric:  scale = absmax / ((2^b - 1) / 2), zero = 2^(b-1)     (int4: absmax / 7.5, zero 8)
   asymmetric: scale = (max - min) / (2^b - 1),  zero = round(-min / scale)
 with min <= 0 <= max, q = clamp(round(w / scale) + zero, 0, 2^b - 1), W ~= (q - zero) * scale.
-w / scale is computed in float32, so q is the nearest grid point; compressed-tensors divides in the
-weight's dtype (bf16), which flips ~0.8% of SmolLM2's int4 values at near-ties (bench/quality.py --ct-rounding).
+w / scale is computed in float32 (the nearest grid point) unless `quotient_dtype` is given: the RTN scheme
+passes the checkpoint's 16-bit dtype, so, like compressed-tensors' quantize (hence llm-compressor), it
+rounds the bf16/fp16 quotient of the 16-bit weight and scale and writes the same int4 values as
+llm-compressor's round-to-nearest; in fp32 ~0.8% of SmolLM2's int4 values differ at near-ties, which
+moves its perplexity by 3.5% (bench/results/quality.md). GPTQ and AWQ keep the fp32 quotient.
 Groups run along K in column order; the last group is partial when G does not divide K.
 `clip` [N, ng] shrinks each group's range (AWQ's clipping search); `scale_dtype` rounds scales to what
 the checkpoint stores (fp16/bf16) *before* rounding the weights, so the file dequantizes exactly.
@@ -71,11 +74,12 @@ def _expand(p: torch.Tensor, k: int, group: int, g_idx: torch.Tensor | None) -> 
 
 
 def quantize_int(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int,
-                 g_idx: torch.Tensor | None = None) -> torch.Tensor:
+                 g_idx: torch.Tensor | None = None, quotient_dtype: torch.dtype | None = None) -> torch.Tensor:
     k = w.shape[1]
     s = _expand(scales, k, group, g_idx)
     z = _expand(zeros, k, group, g_idx).float() if zeros is not None else 2 ** (bits - 1)
-    return (torch.round(w.float() / s) + z).clamp(0, 2**bits - 1).to(torch.int32)
+    qd = quotient_dtype or torch.float32
+    return (torch.round(w.to(qd) / s.to(qd)).float() + z).clamp(0, 2**bits - 1).to(torch.int32)
 
 
 def dequantize_int(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group: int,
@@ -86,9 +90,9 @@ def dequantize_int(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
 
 
 def rtn(w: torch.Tensor, bits: int, group: int, symmetric: bool, clip: torch.Tensor | None = None,
-        scale_dtype: torch.dtype | None = None) -> IntQuant:
+        scale_dtype: torch.dtype | None = None, quotient_dtype: torch.dtype | None = None) -> IntQuant:
     scales, zeros = compute_qparams(w, bits, group, symmetric, clip, scale_dtype)
-    return IntQuant(quantize_int(w, scales, zeros, bits, group), scales, zeros)
+    return IntQuant(quantize_int(w, scales, zeros, bits, group, quotient_dtype=quotient_dtype), scales, zeros)
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool, clip: torch.Tensor | None = None,
