@@ -24,7 +24,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 BLOCK_K = 128  # = the scale block along K (fp8 block 128, w4a8 group 128, activation group 128)
 
 # (BLOCK_M, BLOCK_N, GROUP_M, num_warps, num_stages) by M: defaults; configs/fp8_block.json
-# (bench/kernels/fp8.py `tune` on H200) override them
+# (bench/kernels/fp8_tune.py `tune` on H200) override them
 CONFIGS = {
     "small": (64, 128, 8, 4, 4),  # M <= 64
     "medium": (128, 128, 8, 8, 4),  # M <= 512

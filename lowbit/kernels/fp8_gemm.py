@@ -20,6 +20,10 @@ then per "NxK" shape under that granularity; measured by bench/kernels/fp8.py):
 | triton       | fp8_block.py (quantize_fp8 first)                  | every scheme (token_group needs G = 128)   |
 | cublas       | torch._scaled_mm, tensor-wise or row-wise          | tensor/channel weights, non-group acts, N, K % 16 == 0 |
 | cublas_block | F.scaled_mm BlockWise1x128 x BlockWise128x128      | 128x128 blocks aligned to the fused rows, token_group 128, M >= 16, K % 512 == 0 |
+cublas_block may run as several cuBLAS calls on side streams (fork/join, captured by CUDA graphs as branches), per
+shape and M from fp8_select.json: split_k (K pieces into fp32 partials, summed: few output tiles at small M) and
+split_n (the rows past the last whole 128 beside the main call: 2112 = 16.5 x 128 rows leave a third wave at M = 2048).
+small_m configs may carry a 6th element: programmatic dependent launch (fp8_small_m.py), where it measured faster.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -73,6 +77,7 @@ class Fp8Weights:
     cublas_grid: bool = False  # grid rows are the 128-row blocks of the fused weight (F.scaled_mm layout)
     block: tuple[int, int] | None = None
     counters: torch.Tensor | None = None  # [ceil(N/16) * 16] int32 zeros, split-K tickets (small_m resets them)
+    grid_chunks: dict = field(default_factory=dict)  # (k0, k1) -> grid[:, k0/128:k1/128] contiguous (split cuBLAS)
 
 
 def _device_ok(device) -> tuple[bool, str]:
@@ -135,6 +140,11 @@ def fp8_repack(weight: torch.Tensor, weight_scale: torch.Tensor, granularity: st
         w.block = (bn, bk)
         # cuBLAS indexes the grid by (n // 128): true when every shard but the last is whole 128-row blocks
         w.cublas_grid = bn == 128 and all(s % 128 == 0 for s in shard_sizes[:-1])
+        if w.cublas_grid and k % 512 == 0:  # the K pieces the measured split_k configs use, made once here
+            splits = load_config("fp8_select").get("block", {}).get("shapes", {}).get(f"{n}x{k}", {})
+            for parts in set(splits.get("cublas_block_split_k", {}).values()):
+                for k0, k1 in _k_chunks(k, parts):
+                    _grid_chunk(w, k0, k1)
     return w
 
 
@@ -166,6 +176,16 @@ def select_thresholds(w: Fp8Weights) -> dict:
     sel.update({k: v for k, v in per.items() if k in _DEFAULT_SELECT})
     sel.update(per.get("shapes", {}).get(f"{w.n}x{w.k}", {}))
     return sel
+
+
+def cublas_block_split(w: Fp8Weights, m: int) -> tuple[int, bool]:
+    """(split_k, split_n) of the cuBLAS block-wise call at M rows: configs/fp8_select.json block.shapes["NxK"]
+    "cublas_block_split_k" {"<max M>": pieces} (smallest bucket >= M; none above the largest) and
+    "cublas_block_split_n_min_m" (measured per shape; (1, False) elsewhere)."""
+    entry = load_config("fp8_select").get("block", {}).get("shapes", {}).get(f"{w.n}x{w.k}", {})
+    split_k = next((s for b, s in sorted((int(b), s) for b, s in entry.get("cublas_block_split_k", {}).items())
+                    if m <= b), 1)
+    return split_k, m >= entry.get("cublas_block_split_n_min_m", 1 << 62)
 
 
 def pick_candidate(w: Fp8Weights, act: str, m: int, out_dtype=torch.bfloat16) -> str:
@@ -273,7 +293,7 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weights, act_granularity: str, input_scale
     elif cand == "cublas":
         y = _cublas(xq, xs, w, act_granularity, bias, out_dtype)
     else:
-        y = _cublas_block(xq, xs, w, bias, out_dtype)
+        y = _cublas_block(xq, xs, w, bias, out_dtype, *cublas_block_split(w, m))
     return y.reshape(*lead, w.n)
 
 
@@ -291,13 +311,79 @@ def _cublas(xq, xs, w: Fp8Weights, act, bias, out_dtype):
     return y
 
 
-def _cublas_block(xq, xs, w: Fp8Weights, bias, out_dtype):
+def _block_mm(xq, xs, wq, grid, out_dtype, out=None):
+    """cuBLAS block-wise GEMM: xq [M, K] e4m3 with xs [M, K/128] (column-major), wq [N, K] with grid [N/128, K/128].
+    out: a [M, N] view with unit column stride (a column slice of a wider y: cuBLAS writes with its row stride)."""
+    F = torch.nn.functional
+    args = (xq, wq.t(), [xs], [F.ScalingType.BlockWise1x128.value], [], [grid.t()],
+            [F.ScalingType.BlockWise128x128.value], [], None, out_dtype, [], False)
+    if out is None:
+        return torch.ops.aten._scaled_mm_v2(*args)
+    return torch.ops.aten._scaled_mm_v2.out(*args, out=out)
+
+
+@functools.lru_cache(maxsize=None)
+def _side_streams(device: torch.device, count: int) -> tuple:
+    """Streams on which split cuBLAS calls run beside the current stream (fork/join; CUDA graphs capture branches)."""
+    return tuple(torch.cuda.Stream(device) for _ in range(count))
+
+
+def _k_chunks(k: int, parts: int) -> list[tuple[int, int]]:
+    """parts K ranges in whole 512-wide pieces (cuBLAS: K / 128 of each scale slice % 4 == 0), front-loaded."""
+    assert k % 512 == 0, k  # _cublas_block_ok
+    pieces = k // 512
+    parts = max(1, min(parts, pieces))
+    sizes = [pieces // parts + (i < pieces % parts) for i in range(parts)]
+    bounds, k0 = [], 0
+    for sz in sizes:
+        bounds.append((k0, k0 + sz * 512))
+        k0 += sz * 512
+    return bounds
+
+
+def _grid_chunk(w: Fp8Weights, k0: int, k1: int) -> torch.Tensor:
+    """The weight scales of K piece [k0, k1) as cuBLAS takes them (inner-dim-major, row stride = its K / 128); kept
+    on the weight unless made during a CUDA graph capture (there the copy is part of the graph)."""
+    g = w.grid_chunks.get((k0, k1))
+    if g is None:
+        g = w.grid[:, k0 // 128:k1 // 128].contiguous()
+        if not (g.is_cuda and torch.cuda.is_current_stream_capturing()):
+            w.grid_chunks[(k0, k1)] = g
+    return g
+
+
+def _cublas_block(xq, xs, w: Fp8Weights, bias, out_dtype, split_k: int = 1, split_n: bool = False):
+    """split_k > 1: K in split_k pieces, each a cuBLAS call on its own stream into an fp32 partial, summed after (few
+    output tiles at small M: 2112x7168 has 17 at M <= 128 on 132 SMs). split_n: N past the last whole 128 rows runs
+    on a side stream beside the main call (2112 = 16.5 x 128 at M = 2048 is 272 tiles: 3 waves where the area is 2)."""
     if not _cublas_block_ok(w, "token_group", xq.shape[0]):
         raise ValueError(f"fp8_linear: cuBLAS block scaling cannot run N={w.n}, K={w.k}, M={xq.shape[0]}, "
-                         f"block {w.block} (needs 128x128 blocks on 128-row boundaries, K % 128 == 0, M > 1)")
-    F = torch.nn.functional
+                         f"block {w.block} (needs 128x128 blocks on 128-row boundaries, K % 512 == 0, M >= 16)")
     if xs.stride(0) != 1:  # cuBLAS wants the [M, K/128] activation scales column-major
         xs = xs.t().contiguous().t()
-    y = F.scaled_mm(xq, w.weight.t(), xs, F.ScalingType.BlockWise1x128, w.grid.t(), F.ScalingType.BlockWise128x128,
-                    output_dtype=out_dtype)
+    m, dev = xq.shape[0], xq.device
+    chunks = _k_chunks(w.k, split_k)
+    n_main = w.n // 128 * 128 if split_n and w.n % 128 and w.n > 128 else w.n
+    if len(chunks) == 1 and n_main == w.n:
+        y = _block_mm(xq, xs, w.weight, w.grid, out_dtype)
+        return y if bias is None else y.add_(bias)
+    main = torch.cuda.current_stream(dev)
+    side = _side_streams(dev, len(chunks) - 1 + (n_main < w.n))
+    for st in side:
+        st.wait_stream(main)
+    if len(chunks) > 1:
+        part = torch.empty((len(chunks), m, w.n), dtype=torch.float32, device=dev)
+        for i, (k0, k1) in enumerate(chunks):
+            with torch.cuda.stream(side[i - 1] if i else main):
+                _block_mm(xq[:, k0:k1], xs[:, k0 // 128:k1 // 128], w.weight[:, k0:k1], _grid_chunk(w, k0, k1),
+                          torch.float32, out=part[i])
+    else:
+        y = torch.empty((m, w.n), dtype=out_dtype, device=dev)
+        _block_mm(xq, xs, w.weight[:n_main], w.grid[:n_main // 128], out_dtype, out=y[:, :n_main])
+        with torch.cuda.stream(side[-1]):
+            _block_mm(xq, xs, w.weight[n_main:], w.grid[n_main // 128:], out_dtype, out=y[:, n_main:])
+    for st in side:
+        main.wait_stream(st)
+    if len(chunks) > 1:
+        y = part.sum(0).to(out_dtype)
     return y if bias is None else y.add_(bias)

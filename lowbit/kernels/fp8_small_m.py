@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from lowbit.kernels.fp8_block import BLOCK_K, load_w_tile
 from lowbit.kernels.quant_act import fp8_scale, quantize_tile_rcp, soft_cast
@@ -81,13 +82,16 @@ def fp8_small_m_kernel(
     M, N, K, k_split, n_split,  # k_split: K per split, a multiple of BLOCK_K; n_split: number of splits
     stride_xm, stride_xsm, stride_xsk, stride_wn, stride_wk, stride_wsr, stride_ym,
     A_MODE: tl.constexpr, UE8M0: tl.constexpr, B_GRID: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SOFT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, SOFT: tl.constexpr, PDL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n, mask_m = offs_n < N, offs_m < M
+    if PDL:  # programmatic dependent launch: everything after the previous kernel (x, partials and counters)
+        gdc_wait()
+        gdc_launch_dependents()
 
     # per-token / per-tensor activation scale [BLOCK_M] (all ones where it is per K-block)
     sa_row = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -166,7 +170,7 @@ def _epilogue(acc, sa_row, ws_ptr, bias_ptr, offs_n, mask_n,
 def small_m_config(n: int, k: int, sms: int = 132, tuned: dict | None = None, m: int = 1) -> tuple[int, ...]:
     """(BLOCK_N, splits, num_warps, num_stages[, BLOCK_M cap]). tuned["NxK"] is one config for every M, or
     {"<max M>": config, ...} by M bucket (the smallest bucket >= m; the largest beyond). Default: ~3 programs per
-    SM streaming 128-row weight tiles (the M <= 16 winners of bench/kernels/fp8.py `tune` on DeepSeek-V3 shapes)."""
+    SM streaming 128-row weight tiles (the M <= 16 winners of bench/kernels/fp8_tune.py `tune` on DeepSeek-V3 shapes)."""
     entry = (tuned or {}).get(f"{n}x{k}")
     if isinstance(entry, dict):
         buckets = sorted((int(b), c) for b, c in entry.items())
@@ -185,9 +189,14 @@ def small_m_config(n: int, k: int, sms: int = 132, tuned: dict | None = None, m:
 def fp8_small_m(x: torch.Tensor, x_scale: torch.Tensor | None, a_mode: int, w: torch.Tensor, w_scale: torch.Tensor,
                 w_rows: torch.Tensor | None, counters: torch.Tensor, n: int, k: int,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, ue8m0: bool = False,
-                config: tuple | None = None) -> torch.Tensor:
+                config: tuple | None = None, pdl: bool = False) -> torch.Tensor:
     """y [M, N] for M <= MAX_M_TILED (see the table); callers validate the weights (fp8_gemm.py).
-    config: (BLOCK_N, splits, num_warps, num_stages[, BLOCK_M cap, default 64])."""
+    config: (BLOCK_N, splits, num_warps, num_stages[, BLOCK_M cap, default 64[, pdl]]). pdl (sm90+ GPUs): launch as a
+    programmatic dependent of the kernel before: its programs start during that kernel's tail and wait in
+    griddepcontrol.wait before touching anything (H100, back-to-back graph replays, bench/kernels/fp8_tune.py split_tune:
+    2112x7168 M = 1 / 16 11.7 -> 11.1 / 11.9 -> 11.1 us; 4096x7168, 7168x16384, 7168x2048 equal or up to 10% slower,
+    so configs turn it on per shape; after a non-PDL kernel it changes nothing. An L2 prefetch of the weight tile
+    before the wait measured 1-2 us slower on every shape, so there is none)."""
     m = x.shape[0]
     max_m = MAX_M if a_mode == A_DYN_TENSOR else MAX_M_TILED
     if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1 or m > max_m:
@@ -201,6 +210,7 @@ def fp8_small_m(x: torch.Tensor, x_scale: torch.Tensor | None, a_mode: int, w: t
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
     cfg = tuple(config) if config else small_m_config(n, k, sms, m=m)
     block_n, splits, warps, stages = cfg[:4]
+    pdl = pdl or (len(cfg) > 5 and bool(cfg[5]))
     m_cap = MAX_M if a_mode == A_DYN_TENSOR else (cfg[4] if len(cfg) > 4 else 64)  # tensor amax: every row in one tile
     block_m = max(16, triton.next_power_of_2(min(m, m_cap)))
     kb = triton.cdiv(k, BLOCK_K)
@@ -212,6 +222,8 @@ def fp8_small_m(x: torch.Tensor, x_scale: torch.Tensor | None, a_mode: int, w: t
                          f"{block_m} x {block_n}")
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
     xs = x_scale if x_scale is not None else y
+    pdl = pdl and pdl_ok(x.device)
+    extra = {"launch_pdl": True} if pdl else {}
     if a_mode == A_FP8_GROUP:
         stride_xsm, stride_xsk = xs.stride(0), xs.stride(1)
     else:
@@ -221,6 +233,12 @@ def fp8_small_m(x: torch.Tensor, x_scale: torch.Tensor | None, a_mode: int, w: t
         counters, y, m, n, k, k_split, splits, x.stride(0), stride_xsm, stride_xsk, w.stride(0), w.stride(1),
         w_scale.stride(0) if w_rows is not None else 0, y.stride(0),
         A_MODE=a_mode, UE8M0=ue8m0, B_GRID=w_rows is not None, HAS_BIAS=bias is not None,
-        SPLIT=splits > 1, SOFT=soft_cast(), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=BLOCK_K,
-        num_warps=warps, num_stages=stages)
+        SPLIT=splits > 1, SOFT=soft_cast(), PDL=pdl, BLOCK_N=block_n, BLOCK_M=block_m,
+        BLOCK_K=BLOCK_K, num_warps=warps, num_stages=stages, **extra)
     return y
+
+
+def pdl_ok(device) -> bool:
+    """griddepcontrol needs a real sm90+ GPU (not the interpreter)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)

@@ -14,7 +14,8 @@ import torch
 
 from lowbit.kernels import fp8_small_m
 from lowbit.kernels import reference as ref
-from lowbit.kernels.fp8_gemm import fp8_can_implement, fp8_linear, fp8_repack, pick_candidate
+from lowbit.kernels.fp8_gemm import (_cublas_block, _k_chunks, cublas_block_split, fp8_can_implement, fp8_linear,
+                                     fp8_repack, pick_candidate)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = (128, 128)
@@ -214,6 +215,27 @@ def test_repack_and_linear_errors():
     assert "block size" in fp8_can_implement("block", 64, 64, DEV, (128, 32))[1]
 
 
+def test_small_m_pdl_config_flag():
+    """config[5] (pdl) launches a programmatic dependent on sm90+ GPUs; the interpreter and older GPUs ignore it."""
+    n, k = 64, 576
+    w, s = _weights(n, k, "block", [n])
+    W = fp8_repack(w, s, "block", [n], BLOCK)
+    x = _x(2, k, torch.float16)
+    y = [fp8_small_m.fp8_small_m(x, None, fp8_small_m.A_DYN_GROUP, W.weight, W.grid, W.grid_rows, W.counters, n, k,
+                                 out_dtype=torch.float32, config=(32, 2, 4, 2, 16, pdl)) for pdl in (True, False)]
+    _check(y[0], _expected(x, w, s, "block", [n], "token_group", torch.float32), k, torch.float32)
+    if DEV == "cpu":
+        assert torch.equal(y[0], y[1])
+
+
+def test_k_chunks_and_split_config():
+    assert _k_chunks(7168, 4) == [(0, 2048), (2048, 4096), (4096, 5632), (5632, 7168)]
+    assert _k_chunks(1536, 4) == [(0, 512), (512, 1024), (1024, 1536)]  # at most K / 512 pieces
+    assert _k_chunks(7168, 1) == [(0, 7168)]
+    W = fp8_repack(*_weights(64, 256, "block", [64]), "block", [64], BLOCK)
+    assert cublas_block_split(W, 256) == (1, False)  # shapes without a measured entry: one call
+
+
 def test_pick_candidate_by_m():
     W = fp8_repack(*_weights(64, 256, "block", [64]), "block", [64], BLOCK)
     assert pick_candidate(W, "token_group", 1) == "small_m"
@@ -271,4 +293,59 @@ def test_gpu_cuda_graph(cand):
         graph.replay()
         torch.cuda.synchronize()
         _check(y, _expected(x, w, s, gran, [n], act, torch.bfloat16), k, torch.bfloat16)
+    assert int(W.counters.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,split_k,split_n", [(16, 2, False), (64, 4, False), (256, 7, False), (300, 1, True),
+                                               (2048, 1, True), (1000, 3, False)])
+def test_gpu_cublas_block_splits(m, split_k, split_n):
+    """K in pieces on side streams summed in fp32, or the N rows past the last whole 128 on a side stream; eager and
+    replayed from a CUDA graph (fork/join branches) with new inputs, bias included."""
+    from lowbit.kernels.quant_act import quantize_fp8
+
+    n, k, shards = 2112, 7168, [1536, 576]
+    w, s = _weights(n, k, "block", shards, "cuda")
+    W = fp8_repack(w, s, "block", shards, BLOCK)
+    b = torch.randn(n, device="cuda").to(torch.bfloat16)
+    wd = ref.dequantize_fp8(w, s, "block", shards, BLOCK)
+    x = _x(m, k, torch.bfloat16, "cuda")
+    xq, xs = quantize_fp8(x, "token_group", column_major_scales=True)
+    y = _cublas_block(xq, xs, W, b, torch.bfloat16, split_k, split_n)
+    _check(y, ref.fp8_gemm_ref(xq, xs, "token_group", wd, torch.float32, b.float()), k, torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = _cublas_block(xq, xs, W, b, torch.bfloat16, split_k, split_n)
+    xq2, xs2 = quantize_fp8(_x(m, k, torch.bfloat16, "cuda", seed=5), "token_group", column_major_scales=True)
+    xq.copy_(xq2)
+    xs.copy_(xs2)
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(yg, ref.fp8_gemm_ref(xq, xs, "token_group", wd, torch.float32, b.float()), k, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 2112, 7168), (16, 576, 576), (5, 200, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_small_m_pdl_back_to_back_graph(shape):
+    """Programmatic dependent launches replayed back to back from one graph, sharing the split-K counters."""
+    m, n, k = shape
+    w, s = _weights(n, k, "block", [n], "cuda")
+    W = fp8_repack(w, s, "block", [n], BLOCK)
+    x = _x(m, k, torch.bfloat16, "cuda")
+    cfg = (64, 4, 4, 3, 64, True)
+
+    def call():
+        return fp8_small_m.fp8_small_m(x, None, fp8_small_m.A_DYN_GROUP, W.weight, W.grid, W.grid_rows, W.counters,
+                                       n, k, config=cfg)
+
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = [call() for _ in range(3)]
+    x.copy_(_x(m, k, torch.bfloat16, "cuda", seed=7))
+    graph.replay()
+    torch.cuda.synchronize()
+    y_ref = _expected(x, w, s, "block", [n], "token_group", torch.bfloat16)
+    for y in ys:
+        _check(y, y_ref, k, torch.bfloat16, "pdl")
     assert int(W.counters.abs().sum()) == 0
