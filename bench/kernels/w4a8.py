@@ -10,6 +10,7 @@ per shape. Columns:
   wide_us / wide_static_us   token_group / static on 128-row weight tiles (fp8act_config block_n=128), M = 4..32
   nopad_static_us  static quantizing all 16 rows of the token tile (row_pad=False), M = 1, 4
   fused_us / dequant_cublas_us   candidates forced where the selection switches (M > 16), for w4a8_select.json
+  dequant_us / dequant_cublas_us   the large-M candidates forced (M >= 128)
   bf16_us, cublas_fp8_us         peers (torch.nn.functional.linear; torch._scaled_mm tensor-wise)
 """
 
@@ -27,8 +28,8 @@ SHAPES = {  # (N, K): DeepSeek-V3 (as bench/kernels/fp8.py) and Llama-3-8B proje
     "llama3-8b": [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)],
 }
 QUICK_SHAPES = [(4096, 7168), (7168, 16384), (2112, 7168), (4096, 14336)]  # in this order
-M_ALL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
-M_QUICK = [1, 2, 4, 8, 16, 32, 64]
+M_ALL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+M_QUICK = [1, 2, 4, 8, 16, 32, 64, 2048, 8192]
 
 
 def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
@@ -72,6 +73,10 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
                                            for w in ws])
         r["bf16_us"] = safe_us([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
         r["cublas_fp8_us"] = safe_us([lambda w=w: torch._scaled_mm(xqt, w.t(), one, one, out_dtype=dtype) for w in w8])
+        if m >= 128:  # the large-M candidates, token_group activations
+            for forced in ("dequant", "dequant_cublas"):
+                r[f"{forced}_us"] = safe_us([lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
+                                             for w in ws])
         if 16 < m <= 64:
             for forced in ("fused", "dequant_cublas"):
                 r[f"{forced}_us"] = safe_us([lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
@@ -88,7 +93,8 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
         print(f"  {name} M={m}: {r['cand']} {r.get('cfg', '')} token_group {r['us']} us, static {r['static_us']} us, "
               f"w4a16 {r['w4a16_us']} us, rcp {r.get('rcp_us')}, bf16 {r['bf16_us']}, fp8 cuBLAS {r['cublas_fp8_us']}"
               f", wide {r.get('wide_us')} / {r.get('wide_static_us')}, no row skip {r.get('nopad_static_us')}, forced "
-              f"fused {r.get('fused_us')} dequant_cublas {r.get('dequant_cublas_us')}", flush=True)
+              f"fused {r.get('fused_us')} dequant_cublas {r.get('dequant_cublas_us')} dequant {r.get('dequant_us')}",
+              flush=True)
     del ws, bf16, w8
     torch.cuda.empty_cache()
     return rows
@@ -96,7 +102,7 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
 
 COLUMNS = ["shape", "M", "cand", "cfg", "us", "static_us", "w4a16_us", "x_w4a16", "x_w4a16_static", "rcp_us",
            "wide_us", "wide_static_us", "nopad_static_us", "pct_hbm", "bf16_us", "x_bf16", "cublas_fp8_us", "fused_us",
-           "dequant_cublas_us"]
+           "dequant_cublas_us", "dequant_us"]
 
 
 def main(args) -> None:

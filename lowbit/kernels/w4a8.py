@@ -19,6 +19,12 @@ Candidates (`pick_candidate`; M thresholds in configs/w4a8_select.json, measured
 |                | BlockWise1x128 x BlockWise1x128 (K % 128 == 0, N % 16 == 0, M >= 16); per-tensor /     |
 |                | per-token activation scales enter as constant 1 x 128 block scales (the same math)      |
 | dequant        | the same scratch, then the Triton fp8 block GEMM with 1 x 128 weight scales (fallback)  |
+Tried for large M and not kept (H100, CUDA-graph replay, token_group x, 2026-11-26): a Triton 3.6 GEMM that turns
+each int4 weight tile into e4m3 in registers (shift/mask, int -> fp16 -> e4m3) and feeds fp8 wgmma, with the
+tile through shared memory or as the MMA's register operand (swap AB), tiles 64..256: 7168x16384 at M = 2048 took
+1394-2636 us against 552 us for dequant_cublas and 336 us for per-tensor cuBLAS fp8 (2112x7168: 200 vs 90 us);
+the per-element conversions and the tile shuffles dominate. dequant (Triton block GEMM on the scratch) measured
+851 us there, so cuBLAS stays the large-M path.
 """
 
 from __future__ import annotations
