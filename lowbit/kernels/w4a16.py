@@ -34,7 +34,8 @@ q - 8 are exact in fp16, so the fp16 MMA products are exact and, in scale-after 
 | y             | x.dtype        | [..., N]         |                                               |
 | workspace     | fp32           | [S, M, N]        | split-K partials (S > 1)                      |
 
-Paths (picked per M bucket by w4a16_tune.py): "fused" (this kernel; with split-K S > 1 each split
+Paths (picked per M bucket by w4a16_tune.py): "wgmma" (large M on sm90, w4a16_wgmma.py: async wgmma on a
+dequantized shared-memory tile), "tma" (large M, w4a16_tma.py), "fused" (this kernel; with split-K S > 1 each split
 writes an fp32 partial and the last CTA of a tile, counted by an atomic in w.locks, sums them in a
 fixed order: one launch, deterministic, graph-safe; one stream at a time per weight) and "dequant"
 (w4a16_dequant_kernel writes W in x.dtype, <= 512 MB of rows at a time, then cuBLAS into those columns
@@ -51,7 +52,7 @@ import triton.language as tl
 from lowbit.kernels.w4a16_layout import (SUPPORTED_DTYPES, W4A16Weights, w4a16_can_implement,  # noqa: F401
                                          w4a16_repack)
 from lowbit.kernels.quant_act import e4m3_rne, fp8_scale
-from lowbit.kernels.w4a16_tune import interpreting, select_config
+from lowbit.kernels.w4a16_tune import heuristic, interpreting, select_config
 
 # opt-in fp8 activations (A_FP8; 0 = the 16-bit w4a16 GEMM): x quantized to e4m3 as reference.quantize_fp8_ref;
 # the wrapper for that mode is w4a16_fp8act.py
@@ -219,6 +220,16 @@ def _fp8_x(xt, pqs_ptr, cols, Kx, s, r, A_FP8: tl.constexpr, HAS_PQS: tl.constex
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program pid in grouped order: GROUP_M token tiles take each weight tile in turn."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    rows_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % width) % rows_m, (pid % width) // rows_m
+
+
+@triton.jit
 def w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, xs_ptr, pqs_ptr,
                  M, N, Kx, stride_xm, stride_xk, stride_ym, stride_xs, num_kb, kb_per_split,
                  BITS: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, HAS_ZEROS: tl.constexpr,
@@ -236,13 +247,7 @@ def w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr,
     # fp8 activations: e4m3 and (q - 8) are exact in fp16, so the 16-bit MMA computes their products exactly
     DT: tl.constexpr = tl.float16 if A_FP8 != 0 else x_ptr.dtype.element_ty
     # grouped tile order: GROUP_M token tiles reuse a weight tile while it sits in L2
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    rows_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows_m
-    pid_n = (pid % width) // rows_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -311,7 +316,7 @@ def w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr,
         ws_off = (pid_k * M + offs_m)[None, :].to(tl.int64) * N + offs_n[:, None]
         tl.store(ws_ptr + ws_off, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
-        lock = lock_ptr + pid_m * num_pid_n + pid_n
+        lock = lock_ptr + pid_m * tl.cdiv(N, BLOCK_N) + pid_n
         arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
         if arrived == tl.num_programs(1) - 1:
             total = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -428,6 +433,18 @@ def w4a16_gemm(x: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None = Non
     if m == 0:
         return x.new_empty((*lead, w.n))
     cfg = config or select_config(w, m, x.dtype, x.device)
+    if cfg["path"] == "wgmma":  # large M on sm90 (w4a16_wgmma.py; imported here: it imports this module)
+        from lowbit.kernels.w4a16_wgmma import w4a16_wgmma_gemm, wgmma_supported
+
+        if wgmma_supported(w, x.device):
+            return w4a16_wgmma_gemm(x2, w, bias, cfg).reshape(*lead, w.n)
+        cfg = heuristic(w, m, x.device)  # a table entry on weights that kernel cannot walk (8-bit, G < 128)
+    if cfg["path"] == "tma":  # large M, TMA-fed Triton kernel (w4a16_tma.py)
+        from lowbit.kernels.w4a16_tma import tma_supported, w4a16_tma_gemm
+
+        if tma_supported(w):
+            return w4a16_tma_gemm(x2, w, bias, cfg).reshape(*lead, w.n)
+        cfg = heuristic(w, m, x.device)
     if cfg["path"] == "dequant":
         return _dequant_matmul(x2, w, bias).reshape(*lead, w.n)
     y = torch.empty((m, w.n), dtype=x.dtype, device=x.device)

@@ -1,7 +1,9 @@
 """Launch configs for w4a16_gemm: tuned tables per GPU (data), a heuristic for the rest, opt-in autotuning.
 
 A config is a dict:
-  {"path": "fused", "BLOCK_N", "BLOCK_M", "SPLIT_K", "SCALE_AFTER", "num_warps", "num_stages"[, "GROUP_M"]}
+  {"path": "fused", "BLOCK_N", "BLOCK_M", "SPLIT_K", "SCALE_AFTER", "num_warps", "num_stages"[, "GROUP_M"]},
+  {"path": "wgmma", "BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "GROUP_M", "RS"} (sm90, w4a16_wgmma.py),
+  {"path": "tma", "BLOCK_N", "BLOCK_M", "SWAP", "num_warps", "num_stages", "GROUP_M"} (w4a16_tma.py),
   or {"path": "dequant"} (dequantize to x.dtype, then cuBLAS).
 Lookup for (weights, M): the weights' own cache -> configs/w4a16_<gpu>.json (checked in; written by
 `python -m bench.kernels.w4a16 --tune`) merged with the user's autotune cache -> heuristic.
@@ -129,6 +131,9 @@ LARGE_TILES = (  # BLOCK_N, BLOCK_M, num_warps, num_stages, SCALE_AFTER (the win
     (64, 128, 4, 4, False))
 
 
+SM90_TILES = ((64, 4), (128, 4), (256, 3))  # wgmma kernel: BLOCK_M, stages (BLOCK_N = 128, 8 warps, A in registers)
+
+
 def candidates(w, m: int, device) -> list[dict]:
     """The search space autotune walks for one M bucket (kept small: each distinct tile compiles once)."""
     num_kb = w.k_pad // w.block_k
@@ -153,6 +158,11 @@ def candidates(w, m: int, device) -> list[dict]:
                         "SCALE_AFTER": after, "num_warps": warps, "num_stages": stages})
     if m >= 256:
         out.append({"path": "dequant"})
+    if torch.device(device).type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] == 9:
+        out += [{"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": bm, "num_warps": 8, "num_stages": st, "GROUP_M": 8,
+                 "RS": True} for bm, st in SM90_TILES if bm <= 2 * bucket(m)]
+        out.append({"path": "tma", "BLOCK_N": 128, "BLOCK_M": 128, "SWAP": True, "num_warps": 8, "num_stages": 3,
+                    "GROUP_M": 8})
     return out
 
 

@@ -159,6 +159,36 @@ def test_config_lookup(tmp_path, monkeypatch):
     assert tune.load_table("testgpu")["64x256:int4"]["4"]["path"] == "dequant"
 
 
+@pytest.mark.parametrize("swap", [True, False])
+@pytest.mark.parametrize("m,n,k,g,sym,act", [(5, 80, 256, 128, False, False), (17, 64, 300, 0, True, False),
+                                             (9, 72, 384, 128, True, True)])
+def test_tma_path_matches_reference(swap, m, n, k, g, sym, act):
+    qw, s, z, gi, g = make(n, k, g, sym, act, seed=m + n)
+    x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+    cfg = {"path": "tma", "BLOCK_N": 64, "BLOCK_M": 16 if swap else 32, "SWAP": swap, "num_warps": 4, "num_stages": 2}
+    check(x, qw, s, z, gi, 4, g, torch.randn(n, device=DEV, dtype=torch.float16), cfg)
+
+
+def test_tma_path_strided_input():
+    qw, s, z, gi, g = make(64, 256, 128, True, False)
+    x = torch.randn(2, 5, 512, device=DEV, dtype=torch.float16)[..., 1::2]  # K stride 2, base offset by one element
+    cfg = {"path": "tma", "BLOCK_N": 64, "BLOCK_M": 16, "SWAP": True, "num_warps": 4, "num_stages": 2}
+    assert check(x, qw, s, z, gi, 4, g, config=cfg).shape == (2, 5, 64)
+
+
+def test_large_m_paths_fall_back_where_they_cannot_run():
+    """8-bit or G < 128 weights (and, off sm90, every weight) take the heuristic's path for a wgmma/tma entry."""
+    qw, s, z, gi, g = make(64, 192, 64, False, False, bits=8)
+    x = torch.randn(3, 192, device=DEV, dtype=torch.float16)
+    for cfg in ({"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 128, "RS": True}, {"path": "tma", "BLOCK_N": 64,
+                                                                               "BLOCK_M": 16}):
+        check(x, qw, s, z, gi, 8, g, config=cfg)
+    if not CUDA:
+        qw, s, z, gi, g = make(64, 256, 128, True, False)
+        check(torch.randn(3, 256, dtype=torch.float16), qw, s, z, gi, 4, g,
+              config={"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 128})
+
+
 # ---- GPU ---------------------------------------------------------------------------------------
 
 GPU_OPTIONS = [  # N, K, G, sym, act_order
@@ -224,3 +254,53 @@ def test_gpu_cuda_graph_capture_and_replay():
         ref = w4a16_gemm_ref(x, qw, s, z, gi, 4, g)
         assert (y.float() - ref.float()).abs().max().item() < 2e-2 * ref.float().abs().max().item()
     assert int(w.locks.abs().sum()) == 0
+
+
+LARGE_M_CONFIGS = [  # the sm90 large-M kernels: Gluon wgmma (A in registers / in shared memory) and Triton TMA
+    {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 128, "num_warps": 8, "num_stages": 4, "RS": True},
+    {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 256, "num_warps": 8, "num_stages": 3, "RS": True},
+    {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 64, "num_warps": 8, "num_stages": 4, "RS": True},
+    {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 128, "num_warps": 8, "num_stages": 3, "RS": False},
+    {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 256, "num_warps": 8, "num_stages": 2, "RS": False},
+    {"path": "tma", "BLOCK_N": 128, "BLOCK_M": 128, "SWAP": True, "num_warps": 8, "num_stages": 3},
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,g,sym,act,bias", [(300, 1000, 1152, 128, False, False, True),
+                                                  (257, 1536, 2112, 0, True, False, False),
+                                                  (129, 2048, 1024, 128, True, True, True),
+                                                  (77, 3000, 1000, 128, False, False, False),
+                                                  (1, 256, 256, 256, True, False, True),
+                                                  (1024, 4096, 4096, 128, True, False, False)])
+def test_gpu_large_m_kernels(dtype, m, n, k, g, sym, act, bias):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma / TMA kernels are sm90 paths")
+    qw, s, z, gi, g = make(n, k, g, sym, act)
+    w = w4a16_repack(qw, s, z, gi, 4, g, k)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    for cfg in LARGE_M_CONFIGS:
+        for _ in range(2):  # repeated launches: an operand race would not show every time
+            check(x, qw, s, z, gi, 4, g, b, cfg, w=w)
+
+
+@pytest.mark.gpu
+def test_gpu_large_m_kernels_in_cuda_graphs():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma / TMA kernels are sm90 paths")
+    qw, s, z, gi, g = make(2048, 4096, 128, True, False)
+    w = w4a16_repack(qw, s, z, gi, 4, g, 4096)
+    x = torch.randn(384, 4096, device="cuda", dtype=torch.bfloat16)
+    for cfg in LARGE_M_CONFIGS[:1] + LARGE_M_CONFIGS[3:4] + LARGE_M_CONFIGS[-1:]:
+        w4a16_gemm(x, w, config=cfg)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = w4a16_gemm(x, w, config=cfg)
+        for seed in range(2):
+            x.copy_(torch.randn(384, 4096, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = w4a16_gemm_ref(x, qw, s, z, gi, 4, g)
+            assert (y.float() - ref.float()).abs().max().item() < 2e-2 * ref.float().abs().max().item()

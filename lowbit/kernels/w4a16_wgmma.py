@@ -1,0 +1,244 @@
+"""w4a16 GEMM for large M on sm90, in Gluon: asynchronous wgmma overlapped with the int4 unpack.
+
+    y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g(k)]) * s[n, g(k)]        (+ bias[n])
+
+Why Gluon: in Triton 3.6 a tl.dot whose operand is computed in the loop is either waited on at once (operand
+in shared memory) or, with the operand in registers (wgmma "RS"), assembled by ptxas with every wgmma
+serialized (ptxas C7515; see triton-lang/triton#9433). Both leave the tensor cores idle during the unpack,
+which capped the Triton kernels at ~450-530 TFLOP/s where cuBLAS bf16 reaches 650-750. Per K-block kb
+(KB = 128 kernel columns in w4a16_layout.py's order), TMA keeping STAGES blocks of x and packed weights in flight:
+
+    wait TMA(kb) -> q [BN, W] smem -> registers -> unpack (+ scale) -> A -> barrier -> refill a free stage
+    -> wgmma(A, x_tile(kb)^T) async -> wait until <= 1 wgmma is in flight
+
+RS = True: q is loaded in the wgmma A-fragment layout (words j, j+1 of a row are the 16-bit pair the fragment
+holds), so the unpacked tile is the register operand as it stands; the loop is unrolled by two so the registers
+being unpacked into are never those of the wgmma in flight. RS = False: A goes to a double-buffered shared
+tile (SS wgmma; more shared-memory traffic). Block 0 is peeled: a zero-trip path to the final wait with
+zero-filled accumulators behind an in-flight wgmma also makes ptxas serialize (C7515). "Swap AB" as in
+w4a16.py: weight rows are the wgmma's M side (64 per warpgroup), tokens its N side (BM <= 256).
+
+| tensor  | dtype          | shape            | notes                                                      |
+|---------|----------------|------------------|------------------------------------------------------------|
+| x       | fp16 / bf16    | [M, K]           | any strides (copied to 16-byte aligned rows when needed)   |
+| qweight | int32          | [Kp/KB * N, W]   | w4a16_layout.py's [Kp/KB, N, W] seen as 2-D                |
+| scales  | fp16/bf16/fp32 | [Kp/Gk, N]       | Gk a multiple of KB, or 0 (per-channel: scaled in the epilogue) |
+| zeros   | uint8          | [Kp/Gk, N]       | optional                                                   |
+| y       | x.dtype        | [M, N]           |                                                            |
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from lowbit.kernels.w4a16 import _unpack_asm
+from lowbit.kernels.w4a16_layout import W4A16Weights
+from lowbit.kernels.w4a16_tma import tma_input
+
+# same PTX as w4a16.py: index 8 * scaled + 4 * bf16 + pair
+_ASM = gl.constexpr(tuple(_unpack_asm(j, b, s) for s in (False, True) for b in (False, True) for j in range(4)))
+
+
+@gluon.jit
+def _pair(q, ce, co, s, j: gl.constexpr, SCALED: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr):
+    """Chunks 2j, 2j+1 of the word tile q [BN, W] as DT tiles (q - z) [* s]."""
+    if SCALED:
+        w0, w1 = gl.inline_asm_elementwise(_ASM[8 + 4 * BF16 + j], "=r,=r,r,r,r,r,r", [q, ce, co, s],
+                                           dtype=(ce.dtype, ce.dtype), is_pure=True, pack=2)
+    else:
+        w0, w1 = gl.inline_asm_elementwise(_ASM[4 * BF16 + j], "=r,=r,r,r,r,r", [q, ce, co], dtype=(ce.dtype, ce.dtype),
+                                           is_pure=True, pack=2)
+    return w0, w1
+
+
+@gluon.jit
+def _cat(a, b):
+    """[BN, w] | [BN, w] -> [BN, 2w] along K."""
+    return gl.reshape(gl.permute(gl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@gluon.jit
+def _unpack(q, ce, co, s, SCALED: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr):
+    """q [BN, W] -> the [BN, 8W] 16-bit operand, chunk i in columns i*W .. i*W + W - 1."""
+    w0, w1 = _pair(q, ce, co, s, 0, SCALED, BF16, DT)
+    w2, w3 = _pair(q, ce, co, s, 1, SCALED, BF16, DT)
+    w4, w5 = _pair(q, ce, co, s, 2, SCALED, BF16, DT)
+    w6, w7 = _pair(q, ce, co, s, 3, SCALED, BF16, DT)
+    return _cat(_cat(_cat(w0, w1), _cat(w2, w3)), _cat(_cat(w4, w5), _cat(w6, w7)))
+
+
+@gluon.jit
+def _consts(s_ptr, z_ptr, g, offs_n, N, HAS_ZEROS: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
+            BLOCK_N: gl.constexpr, W: gl.constexpr, QL: gl.constexpr):
+    """[BN, W] tiles of the scale and the unpack's zero terms (see w4a16._consts) for group g."""
+    nmask = offs_n < N
+    s = gl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(gl.float32)
+    if HAS_ZEROS:
+        z = gl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(gl.float32)
+    else:
+        z = gl.full([BLOCK_N], 8.0, gl.float32, gl.SliceLayout(1, QL))
+    if BF16:
+        ce = -128.0 - z
+        co = ce
+    else:
+        ce = -1024.0 - z
+        co = -64.0 - z
+    zero = gl.zeros([BLOCK_N, W], gl.float32, QL)
+    return ((s[:, None] + zero).to(DT), (ce[:, None] + zero).to(DT), (co[:, None] + zero).to(DT), s)
+
+
+@gluon.jit
+def _block(kb, acc, cs, x_desc, q_desc, x_smem, q_smem, a_smem, bars, s_ptr, z_ptr, offs_n, m0, n0, N, num_kb,
+           GS: gl.constexpr, HAS_ZEROS: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+           W: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr, QL: gl.constexpr, ACC_L: gl.constexpr,
+           RS: gl.constexpr):
+    """K-block kb: unpack (into A[kb % 2], or registers with RS), issue its wgmma, keep one in flight, refill."""
+    ONE_GROUP: gl.constexpr = GS == 0
+    st = kb % STAGES
+    s_t, ce, co, s_v = cs
+    if not ONE_GROUP:  # the next block's group constants load while this block computes
+        cs = _consts(s_ptr, z_ptr, gl.minimum(kb + 1, num_kb - 1) * KB // GS, offs_n, N, HAS_ZEROS, BF16, DT,
+                     BLOCK_N, W, QL)
+    mbarrier.wait(bars.index(st), (kb // STAGES) & 1)
+    q = q_smem.index(st).load(QL)
+    a = _unpack(q, ce, co, s_t, not ONE_GROUP, BF16, DT)  # [BN, KB]
+    if RS:  # q was loaded in the operand layout, so the unpacked tile is the wgmma A fragment as it stands
+        a_op = gl.convert_layout(a, gl.DotOperandLayout(0, ACC_L, 2), assert_trivial=True)
+    else:
+        a_op = a_smem.index(kb % 2)
+        a_op.store(a)  # its previous reader, wgmma kb - 2, retired at this warpgroup's wait in block kb - 1
+        fence_async_shared()
+    gl.thread_barrier()  # all rows written; every warpgroup is past its wait of block kb - 1, so wgmma kb - 2
+    # retired everywhere: with 3+ stages its stage takes block kb - 2 + STAGES here
+    if STAGES > 2:
+        _refill(kb - 2 + STAGES, kb >= 2, x_desc, q_desc, x_smem, q_smem, bars, m0, n0, N, num_kb, KB, STAGES)
+    acc = warpgroup_mma(a_op, x_smem.index(st).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    if STAGES == 2:  # two stages (BM = 256 fills shared memory): wgmma kb - 1 retired everywhere after a barrier
+        gl.thread_barrier()
+        _refill(kb + 1, kb >= 1, x_desc, q_desc, x_smem, q_smem, bars, m0, n0, N, num_kb, KB, STAGES)
+    return acc, cs
+
+
+@gluon.jit
+def _refill(nk, ok, x_desc, q_desc, x_smem, q_smem, bars, m0, n0, N, num_kb, KB: gl.constexpr, STAGES: gl.constexpr):
+    """TMA of K-block nk (x tile and packed weights) into its stage, when ok and nk exists."""
+    ok = ok & (nk < num_kb)
+    sp = nk % STAGES
+    NBYTES: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes
+    mbarrier.expect(bars.index(sp), NBYTES, pred=ok)
+    tma.async_copy_global_to_shared(x_desc, [m0, nk * KB], bars.index(sp), x_smem.index(sp), pred=ok)
+    tma.async_copy_global_to_shared(q_desc, [nk * N + n0, 0], bars.index(sp), q_smem.index(sp), pred=ok)
+
+
+@gluon.jit
+def w4a16_wgmma_kernel(x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, stride_ym, num_kb,
+                       GS: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr,
+                       BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, RS: gl.constexpr):
+    NW: gl.constexpr = gl.num_warps()
+    W: gl.constexpr = q_desc.block_type.shape[1]
+    KB: gl.constexpr = 8 * W
+    DT: gl.constexpr = x_desc.dtype
+    BF16: gl.constexpr = DT == gl.bfloat16
+    ONE_GROUP: gl.constexpr = GS == 0
+    ACC_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                    instr_shape=[16, BLOCK_M, 16])
+    if RS:  # words j, j+1 of a row pair up as the 16-bit pairs of the wgmma A fragment (w4a16_layout.py's order)
+        QL: gl.constexpr = gl.DotOperandLayout(0, ACC_L, 2)
+    else:  # a thread holds 8 words (32 B) of one row: each chunk it unpacks is 16 contiguous bytes of A
+        QL: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [NW, 1], [1, 0])
+    OUT_L: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, NW], [0, 1])  # y^T: 4 contiguous n per thread
+    A_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, KB], DT)
+
+    pid = gl.program_id(0)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    rows_m = gl.minimum(gl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows_m
+    pid_n = (pid % width) // rows_m
+    n0 = pid_n * BLOCK_N
+    m0 = pid_m * BLOCK_M
+
+    x_smem = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, KB], x_desc.layout)
+    q_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, W], q_desc.layout)
+    a_smem = x_smem  # unused with RS
+    if not RS:
+        a_smem = gl.allocate_shared_memory(DT, [2, BLOCK_N, KB], A_SL)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    NBYTES: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes
+    for i in gl.static_range(STAGES):  # prologue: blocks 0 .. STAGES-1 in flight
+        ok = i < num_kb
+        mbarrier.expect(bars.index(i), NBYTES, pred=ok)
+        tma.async_copy_global_to_shared(x_desc, [m0, i * KB], bars.index(i), x_smem.index(i), pred=ok)
+        tma.async_copy_global_to_shared(q_desc, [i * N + n0, 0], bars.index(i), q_smem.index(i), pred=ok)
+
+    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, QL))
+    cs = _consts(s_ptr, z_ptr, 0, offs_n, N, HAS_ZEROS, BF16, DT, BLOCK_N, W, QL)
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, ACC_L)
+    # block 0 peeled: the loop may run zero times, and a path that reaches the final wait with zero-filled
+    # accumulator registers behind an in-flight wgmma makes ptxas serialize every wgmma (C7515)
+    acc, cs = _block(0, acc, cs, x_desc, q_desc, x_smem, q_smem, a_smem, bars, s_ptr, z_ptr, offs_n, m0, n0, N,
+                     num_kb, GS, HAS_ZEROS, BF16, DT, BLOCK_N, W, KB, STAGES, QL, ACC_L, RS)
+    if RS:  # unrolled by two: the A registers of the wgmma in flight are never the ones being unpacked into
+        for kb in range(1, num_kb - 1, 2):
+            acc, cs = _block(kb, acc, cs, x_desc, q_desc, x_smem, q_smem, a_smem, bars, s_ptr, z_ptr, offs_n, m0,
+                             n0, N, num_kb, GS, HAS_ZEROS, BF16, DT, BLOCK_N, W, KB, STAGES, QL, ACC_L, RS)
+            acc, cs = _block(kb + 1, acc, cs, x_desc, q_desc, x_smem, q_smem, a_smem, bars, s_ptr, z_ptr, offs_n, m0,
+                             n0, N, num_kb, GS, HAS_ZEROS, BF16, DT, BLOCK_N, W, KB, STAGES, QL, ACC_L, RS)
+        if num_kb % 2 == 0:
+            acc, cs = _block(num_kb - 1, acc, cs, x_desc, q_desc, x_smem, q_smem, a_smem, bars, s_ptr, z_ptr, offs_n,
+                             m0, n0, N, num_kb, GS, HAS_ZEROS, BF16, DT, BLOCK_N, W, KB, STAGES, QL, ACC_L, RS)
+    else:
+        for kb in range(1, num_kb):
+            acc, cs = _block(kb, acc, cs, x_desc, q_desc, x_smem, q_smem, a_smem, bars, s_ptr, z_ptr, offs_n, m0,
+                             n0, N, num_kb, GS, HAS_ZEROS, BF16, DT, BLOCK_N, W, KB, STAGES, QL, ACC_L, RS)
+    s_v = cs[3]
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    out = gl.convert_layout(acc, OUT_L)  # [BN, BM]
+    offs_on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, OUT_L))
+    offs_om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, OUT_L))
+    if ONE_GROUP:
+        out = out * gl.convert_layout(s_v, gl.SliceLayout(1, OUT_L))[:, None]
+    if HAS_BIAS:
+        out = out + gl.load(bias_ptr + offs_on, mask=offs_on < N, other=0.0).to(gl.float32)[:, None]
+    y_ptrs = y_ptr + offs_om[None, :].to(gl.int64) * stride_ym + offs_on[:, None]
+    gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(offs_on < N)[:, None] & (offs_om < M)[None, :])
+
+
+def wgmma_supported(w: W4A16Weights, device) -> bool:
+    """sm90, 4-bit, groups of whole K-blocks (or per-channel)."""
+    dev = torch.device(device)
+    return (dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] == 9 and w.bits == 4
+            and (w.gk == 0 or w.gk % w.block_k == 0))
+
+
+def w4a16_wgmma_gemm(x2: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
+    """y [M, N] = x2 [M, K] @ W^T (+ bias); cfg: BLOCK_N (64 per warpgroup), BLOCK_M, num_stages, GROUP_M."""
+    m = x2.shape[0]
+    x2 = tma_input(x2, w)
+    y = torch.empty((m, w.n), dtype=x2.dtype, device=x2.device)
+    bn, bm = cfg["BLOCK_N"], cfg["BLOCK_M"]
+    gdt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+    x_layout = gl.NVMMASharedLayout.get_default_for([bm, w.block_k], gdt)
+    x_desc = TensorDescriptor.from_tensor(x2, [bm, w.block_k], x_layout)
+    q_layout = gl.NVMMASharedLayout.get_default_for([bn, w.words], gl.int32)
+    q_desc = TensorDescriptor.from_tensor(w.qweight.view(-1, w.words), [bn, w.words], q_layout)
+    grid = (triton.cdiv(w.n, bn) * triton.cdiv(m, bm),)
+    w4a16_wgmma_kernel[grid](
+        x_desc, q_desc, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else y, y,
+        m, w.n, y.stride(0), w.k_pad // w.block_k, GS=w.gk, HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=bn, BLOCK_M=bm, GROUP_M=cfg.get("GROUP_M", 8), STAGES=cfg.get("num_stages", 3), RS=cfg.get("RS", False),
+        num_warps=cfg.get("num_warps", 8))
+    return y
