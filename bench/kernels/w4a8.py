@@ -23,9 +23,10 @@ import torch
 from bench.common import print_table, rooflines, save_section
 from bench.kernels.w4a16 import copies_for, safe_us
 
-SHAPES = {  # (N, K): DeepSeek-V3 (as bench/kernels/fp8.py) and Llama-3-8B projections
+SHAPES = {  # (N, K): DeepSeek-V3 (as bench/kernels/fp8.py), Llama-3-8B and Qwen3-32B projections
     "dsv3": [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)],
     "llama3-8b": [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)],
+    "qwen3-32b": [(10240, 5120), (5120, 8192), (51200, 5120), (5120, 25600)],
 }
 QUICK_SHAPES = [(4096, 7168), (7168, 16384), (2112, 7168), (4096, 14336)]  # in this order
 M_ALL = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
