@@ -170,11 +170,12 @@ def moe_input_groups(layer: nn.Module, groups: list[list[str]]) -> tuple[str, li
 
 
 def moe_smooth(recipe: Recipe, layer: nn.Module, block: str, joint: list[tuple[list[str], InputStats]],
-               block_stats: InputStats, scale_dtype: torch.dtype) -> str:
+               block_stats: InputStats, scale_dtype: torch.dtype, others: dict[str, InputStats]) -> str:
     """AWQ for a MoE block: one smoothing scale for all linears that read its input (every expert's gate/up,
     the shared experts'), searched on the block's whole input (all tokens; each expert sees a routed subset),
     folded into post_attention_layernorm. The router and the shared-expert gate read the same input and stay
-    16-bit: their columns take the scale too, so routing is unchanged."""
+    16-bit: their columns take the scale too, so routing is unchanged. `others`: every group's stats by its first
+    linear (a router that is quantized after all gets its stats rescaled)."""
     source = _get(layer, "post_attention_layernorm")
     if source is None or getattr(source, "weight", None) is None:
         return "no smoothing (post_attention_layernorm not found)"
@@ -193,6 +194,8 @@ def moe_smooth(recipe: Recipe, layer: nn.Module, block: str, joint: list[tuple[l
         p = _get(layer, f"{block}.{name}")
         if p is not None and getattr(p, "weight", None) is not None and p.weight.shape[-1] == k:
             awq.scale_columns(p, scale)
+            if f"{block}.{name}" in others:  # a router the user chose to quantize: its input is x / s now
+                joint = joint + [([f"{block}.{name}"], others[f"{block}.{name}"])]
     for _, st in joint:
         if st.amax is not None:
             st.rescale(scale)

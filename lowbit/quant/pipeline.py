@@ -159,8 +159,9 @@ def _smoothed_or_static(ctx: _Ctx, layer, lp, groups, inputs) -> None:
                                st.hessian.clone() if st.hessian is not None else None)
         if moe:
             joint = [(g, st) for g, st in zip(groups, all_stats) if g in moe[1]]
+            others = {g[0]: st for g, st in zip(groups, all_stats)}
             ctx.result.notes[f"{lp}.{moe[0]}"] = moe_smooth(ctx.recipe, layer, moe[0], joint, block_stats,
-                                                            ctx.scale_dtype)
+                                                            ctx.scale_dtype, others)
         for g, st in zip(groups, all_stats):
             if not moe or g not in moe[1]:
                 ctx.result.notes[f"{lp}.{g[0]}"] = awq_smooth(ctx.recipe, layer, g, st, ctx.scale_dtype)

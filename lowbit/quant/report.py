@@ -49,7 +49,7 @@ def _mb(n):
 def print_summary(report: dict) -> None:
     s = report["summary"]
     print(f"lowbit quantize: {report['scheme']} ({report['quant_scheme']}) -> {report['out']} [{report['format']}]")
-    print(f"  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items()))
+    print("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items()))
     print(f"  linears quantized: {s['linears']}, left 16-bit: {len(report['ignored'])}")
     if "mean_error" in s:
         line = f"  output error ||WX-QX||^2/||WX||^2: mean {s['mean_error']:.3e}, max {s['max_error']:.3e}"
