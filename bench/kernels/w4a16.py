@@ -131,9 +131,12 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
 def _describe(cfg: dict) -> str:
     if cfg["path"] == "wgmma":
         mode = "rs" if cfg.get("RS") else "ss"
-        return f"wgmma-{mode}/{cfg['BLOCK_N']}x{cfg['BLOCK_M']}/st{cfg.get('num_stages', 3)}"
+        split = f"/s{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else ""
+        return f"wgmma-{mode}/{cfg['BLOCK_N']}x{cfg['BLOCK_M']}/st{cfg.get('num_stages', 3)}{split}"
     if cfg["path"] == "tma":
         return f"tma/{cfg['BLOCK_N']}x{cfg['BLOCK_M']}/w{cfg.get('num_warps', 8)}st{cfg.get('num_stages', 3)}"
+    if cfg["path"] == "dequant" and cfg.get("chunks", 1) > 1:
+        return f"dequant/ch{cfg['chunks']}" + ("/overlap" if cfg.get("overlap") else "")
     if cfg["path"] != "fused":
         return cfg["path"]
     mode = "after" if cfg.get("SCALE_AFTER", True) else "pre"

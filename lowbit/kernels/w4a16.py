@@ -34,12 +34,12 @@ q - 8 are exact in fp16, so the fp16 MMA products are exact and, in scale-after 
 | y             | x.dtype        | [..., N]         |                                               |
 | workspace     | fp32           | [S, M, N]        | split-K partials (S > 1)                      |
 
-Paths (picked per M bucket by w4a16_tune.py): "wgmma" (large M on sm90, w4a16_wgmma.py: async wgmma on a
-dequantized shared-memory tile), "tma" (large M, w4a16_tma.py), "fused" (this kernel; with split-K S > 1 each split
-writes an fp32 partial and the last CTA of a tile, counted by an atomic in w.locks, sums them in a
-fixed order: one launch, deterministic, graph-safe; one stream at a time per weight) and "dequant"
-(w4a16_dequant_kernel writes W in x.dtype, <= 512 MB of rows at a time, then cuBLAS into those columns
-of y; act-order multiplies x gathered into kernel column order; for large M where that measures faster).
+Paths (picked per M bucket by w4a16_tune.py): "wgmma" (large M on sm90, w4a16_wgmma.py: async wgmma, the int4
+unpacked into its register operand; optional split-K as below), "tma" (large M, w4a16_tma.py), "fused" (this
+kernel; with split-K S > 1 each split writes an fp32 partial and the last CTA of a tile, counted by an atomic in
+w.locks, sums them in a fixed order: one launch, deterministic, graph-safe; one stream at a time per weight) and
+"dequant"
+(w4a16_dequant.py: W in x.dtype chunk by chunk, then cuBLAS; for large M where that measures faster).
 Rows of x beyond M are zero-filled, never loaded: a clamped M = 1 tile sent all CTAs to the same lines.
 """
 
@@ -337,74 +337,6 @@ def _store_y(acc, bias_ptr, y_ptr, offs_m, offs_n, offs_nc, stride_ym, mask, HAS
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def w4a16_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, stride_n, K_out, stride_on,
-                         BITS: tl.constexpr, W: tl.constexpr, GS: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                         USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[n, c] = W[n, kernel column c] in out's dtype for c < K_out, one group-wide tile (>= 64 B a row) per store."""
-    P: tl.constexpr = 32 // BITS
-    KB: tl.constexpr = P * W
-    CPG: tl.constexpr = P if (GS == 0 or GS >= KB) else GS // W
-    DT: tl.constexpr = out_ptr.dtype.element_ty
-    kb = tl.program_id(1)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_nc = tl.minimum(offs_n, N - 1)
-    offs_w = tl.arange(0, W)
-    offs_g = tl.arange(0, CPG * W)
-    q = tl.load(qw_ptr + kb.to(tl.int64) * stride_n * W + offs_nc[:, None] * W + offs_w[None, :])
-    out_rows = out_ptr + offs_n.to(tl.int64)[:, None] * stride_on
-    for gi in tl.static_range(P // CPG):
-        c0 = kb * KB + gi * CPG * W
-        s, ce, co = _group_consts(s_ptr, z_ptr, c0 // GS if GS > 0 else 0, stride_n, offs_n, N, BITS, HAS_ZEROS,
-                                  USE_ASM, DT, BLOCK_N)
-        a = _unpack_group(q, ce, co, s, gi * CPG // 2, CPG, BITS, USE_ASM, True, DT)  # [BN, CPG * W]
-        cols = c0 + offs_g
-        tl.store(out_rows + cols[None, :], a, mask=(offs_n < N)[:, None] & (cols < K_out)[None, :])
-
-
-def w4a16_dequantize(w: W4A16Weights, dtype: torch.dtype, rows: tuple[int, int] | None = None,
-                     kernel_order: bool = False) -> torch.Tensor:
-    """W[n0:n1] in dtype: [rows, K] canonical column order, or with kernel_order [rows, Kp] (act-order: the
-    columns sorted by group, see w4a16_layout.py) which is what the dequant + cuBLAS path multiplies."""
-    n0, n1 = rows or (0, w.n)
-    k_out = w.k_pad if w.perm is not None else w.k
-    out = torch.empty((n1 - n0, k_out), dtype=dtype, device=w.qweight.device)
-    block_n = 64
-    grid = (triton.cdiv(n1 - n0, block_n), w.k_pad // w.block_k)
-    # a row range is a pointer offset: qweight [blocks, N, W] and scales [groups, N] keep their N strides
-    w4a16_dequant_kernel[grid](
-        w.qweight[:, n0:], w.scales[:, n0:], w.zeros[:, n0:] if w.zeros is not None else w.scales, out, n1 - n0,
-        w.n, k_out, out.stride(0), BITS=w.bits, W=w.words, GS=w.gk, HAS_ZEROS=w.zeros is not None,
-        USE_ASM=w.bits == 4 and not interpreting(), BLOCK_N=block_n, num_warps=4)
-    if w.perm is None or kernel_order:
-        return out
-    keep = w.perm >= 0
-    canonical = torch.empty((n1 - n0, w.k), dtype=dtype, device=out.device)
-    canonical[:, w.perm[keep].long()] = out[:, keep]
-    return canonical
-
-
-DEQUANT_CHUNK_ELEMS = 1 << 28  # 512 MB of 16-bit weights at a time: bounded workspace for big layers
-
-
-def _dequant_matmul(x2: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None) -> torch.Tensor:
-    """Large M: W in x.dtype, N-chunk by N-chunk, then cuBLAS into the matching columns of y."""
-    y = torch.empty((x2.shape[0], w.n), dtype=x2.dtype, device=x2.device)
-    if w.perm is not None:  # act-order: x columns in kernel order, padding columns read a zero column
-        x2 = torch.nn.functional.pad(x2, (0, 1))[:, torch.where(w.perm >= 0, w.perm, w.k)]
-    chunks = -(-w.n * w.k // DEQUANT_CHUNK_ELEMS)
-    rows = -(-w.n // chunks // 256) * 256  # even chunks of whole 256-row tiles: cuBLAS-friendly N
-    for n0 in range(0, w.n, rows):
-        n1 = min(w.n, n0 + rows)
-        wd = w4a16_dequantize(w, x2.dtype, (n0, n1), kernel_order=True)  # [n1 - n0, K or Kp]
-        out = y if n1 - n0 == w.n else y[:, n0:n1]  # a column slice: cuBLAS writes it with ldc = N
-        if bias is not None:
-            torch.addmm(bias[n0:n1].to(x2.dtype), x2, wd.t(), out=out)
-        else:
-            torch.mm(x2, wd.t(), out=out)
-    return y
-
-
 def _check(x: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None) -> None:
     if not isinstance(w, W4A16Weights):
         raise ValueError(f"w4a16_gemm: weights must come from w4a16_repack, got {type(w).__name__}")
@@ -445,8 +377,10 @@ def w4a16_gemm(x: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None = Non
         if tma_supported(w):
             return w4a16_tma_gemm(x2, w, bias, cfg).reshape(*lead, w.n)
         cfg = heuristic(w, m, x.device)
-    if cfg["path"] == "dequant":
-        return _dequant_matmul(x2, w, bias).reshape(*lead, w.n)
+    if cfg["path"] == "dequant":  # w4a16_dequant.py (imported here: it imports this module)
+        from lowbit.kernels.w4a16_dequant import dequant_matmul
+
+        return dequant_matmul(x2, w, bias, cfg.get("chunks", 1), cfg.get("overlap", False)).reshape(*lead, w.n)
     y = torch.empty((m, w.n), dtype=x.dtype, device=x.device)
     return _fused(x2, w, bias, cfg, y).reshape(*lead, w.n)
 

@@ -2,9 +2,9 @@
 
 A config is a dict:
   {"path": "fused", "BLOCK_N", "BLOCK_M", "SPLIT_K", "SCALE_AFTER", "num_warps", "num_stages"[, "GROUP_M"]},
-  {"path": "wgmma", "BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "GROUP_M", "RS"} (sm90, w4a16_wgmma.py),
-  {"path": "tma", "BLOCK_N", "BLOCK_M", "SWAP", "num_warps", "num_stages", "GROUP_M"} (w4a16_tma.py),
-  or {"path": "dequant"} (dequantize to x.dtype, then cuBLAS).
+  {"path": "wgmma", "BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "GROUP_M", "RS"[, "SPLIT_K"]} (sm90,
+  w4a16_wgmma.py), {"path": "tma", "BLOCK_N", "BLOCK_M", "SWAP", "num_warps", "num_stages", "GROUP_M"} (w4a16_tma.py),
+  or {"path": "dequant"[, "chunks", "overlap"]} (dequantize to x.dtype, then cuBLAS; see w4a16_dequant.py).
 Lookup for (weights, M): the weights' own cache -> configs/w4a16_<gpu>.json (checked in; written by
 `python -m bench.kernels.w4a16 --tune`) merged with the user's autotune cache -> heuristic.
 Keys: shape "NxK:int<b>" (tuned on group 128; the tile choice hardly depends on G), then the M bucket
@@ -131,7 +131,9 @@ LARGE_TILES = (  # BLOCK_N, BLOCK_M, num_warps, num_stages, SCALE_AFTER (the win
     (64, 128, 4, 4, False))
 
 
-SM90_TILES = ((64, 4), (128, 4), (256, 3))  # wgmma kernel: BLOCK_M, stages (BLOCK_N = 128, 8 warps, A in registers)
+# wgmma kernel (A in registers, 4 warps per 64 rows of N): BLOCK_N, BLOCK_M, stages; BLOCK_N = 64 is one warpgroup,
+# two CTAs per SM (~165 registers, <= 110 KB shared), which won at M = 64..256 on the small H100 shapes
+SM90_TILES = ((128, 64, 4), (128, 128, 4), (128, 256, 3), (64, 64, 4), (64, 64, 3))
 
 
 def candidates(w, m: int, device) -> list[dict]:
@@ -158,9 +160,18 @@ def candidates(w, m: int, device) -> list[dict]:
                         "SCALE_AFTER": after, "num_warps": warps, "num_stages": stages})
     if m >= 256:
         out.append({"path": "dequant"})
+    if m >= 4096:  # N-chunks, the next one dequantized on a side stream while cuBLAS multiplies this one
+        out += [{"path": "dequant", "chunks": c, "overlap": True} for c in (2, 4, 8)]
     if torch.device(device).type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] == 9:
-        out += [{"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": bm, "num_warps": 8, "num_stages": st, "GROUP_M": 8,
-                 "RS": True} for bm, st in SM90_TILES if bm <= 2 * bucket(m)]
+        for bn, bm, st in SM90_TILES:
+            if bm > 2 * bucket(m) or (bn == 64 and m > 256):
+                continue
+            tiles = -(-w.n // bn) * -(-m // bm)
+            resident = sms * (2 if bn == 64 else 1)  # split-K only where the tiles leave resident CTA slots idle
+            for split in [1] + [s for s in (2, 3, 4, 6, 8) if tiles < resident and tiles * s <= 2 * resident
+                                and num_kb >= 3 * s]:
+                out.append({"path": "wgmma", "BLOCK_N": bn, "BLOCK_M": bm, "num_warps": bn // 16, "num_stages": st,
+                            "GROUP_M": 8, "RS": True, "SPLIT_K": split})
         out.append({"path": "tma", "BLOCK_N": 128, "BLOCK_M": 128, "SWAP": True, "num_warps": 8, "num_stages": 3,
                     "GROUP_M": 8})
     return out

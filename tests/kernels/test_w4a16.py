@@ -14,7 +14,8 @@ import torch
 
 from lowbit.kernels import w4a16_tune as tune
 from lowbit.kernels.reference import dequantize_int, pack_int32, w4a16_gemm_ref
-from lowbit.kernels.w4a16 import w4a16_dequantize, w4a16_gemm
+from lowbit.kernels.w4a16 import w4a16_gemm
+from lowbit.kernels.w4a16_dequant import w4a16_dequantize
 from lowbit.kernels.w4a16_layout import w4a16_can_implement, w4a16_repack, w4a16_unpack
 
 CUDA = torch.cuda.is_available()
@@ -84,12 +85,21 @@ def test_paths_match_reference(config, act):
 
 
 def test_dequant_path_in_row_chunks(monkeypatch):
-    import lowbit.kernels.w4a16 as mod
+    import lowbit.kernels.w4a16_dequant as mod
 
     monkeypatch.setattr(mod, "DEQUANT_CHUNK_ELEMS", 300 * 256)  # 600 rows x 256 -> 2 chunks of 512 and 88 rows
     qw, s, z, gi, g = make(600, 256, 64, False, True, seed=5)
     x = torch.randn(3, 256, device=DEV, dtype=torch.float16)
     check(x, qw, s, z, gi, 4, g, torch.randn(600, device=DEV, dtype=torch.float16), {"path": "dequant"})
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_dequant_path_in_config_chunks(overlap):
+    """"chunks" N-chunks through one reused buffer (two with "overlap": a side stream on the GPU, none on the CPU)."""
+    qw, s, z, gi, g = make(600, 256, 64, False, True, seed=6)
+    x = torch.randn(3, 256, device=DEV, dtype=torch.float16)
+    cfg = {"path": "dequant", "chunks": 3, "overlap": overlap}  # 3 chunks of 256, 256 and 88 rows
+    assert check(x, qw, s, z, gi, 4, g, torch.randn(600, device=DEV, dtype=torch.float16), cfg).shape == (3, 600)
 
 
 def test_noncontiguous_and_batched_input():
@@ -264,6 +274,12 @@ LARGE_M_CONFIGS = [  # the sm90 large-M kernels: Gluon wgmma (A in registers / i
     {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 256, "num_warps": 8, "num_stages": 2, "RS": False},
     {"path": "tma", "BLOCK_N": 128, "BLOCK_M": 128, "SWAP": True, "num_warps": 8, "num_stages": 3},
 ]
+SPLIT_CONFIGS = [  # wgmma split-K (fp32 partials, the tile's last CTA reduces); K = 1000: 8 blocks, a ragged last split
+    {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 128, "num_warps": 8, "num_stages": 4, "RS": True, "SPLIT_K": 3},
+    {"path": "wgmma", "BLOCK_N": 64, "BLOCK_M": 64, "num_warps": 4, "num_stages": 4, "RS": True, "SPLIT_K": 4},
+    {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 256, "num_warps": 8, "num_stages": 3, "RS": True, "SPLIT_K": 2},
+]
+SMALL_TILE = {"path": "wgmma", "BLOCK_N": 64, "BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "RS": True}  # 1 warpgroup
 
 
 @pytest.mark.gpu
@@ -293,7 +309,7 @@ def test_gpu_large_m_kernels_in_cuda_graphs():
     qw, s, z, gi, g = make(2048, 4096, 128, True, False)
     w = w4a16_repack(qw, s, z, gi, 4, g, 4096)
     x = torch.randn(384, 4096, device="cuda", dtype=torch.bfloat16)
-    for cfg in LARGE_M_CONFIGS[:1] + LARGE_M_CONFIGS[3:4] + LARGE_M_CONFIGS[-1:]:
+    for cfg in LARGE_M_CONFIGS[:1] + LARGE_M_CONFIGS[3:4] + LARGE_M_CONFIGS[-1:] + SPLIT_CONFIGS[:2]:
         w4a16_gemm(x, w, config=cfg)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -304,3 +320,59 @@ def test_gpu_large_m_kernels_in_cuda_graphs():
             torch.cuda.synchronize()
             ref = w4a16_gemm_ref(x, qw, s, z, gi, 4, g)
             assert (y.float() - ref.float()).abs().max().item() < 2e-2 * ref.float().abs().max().item()
+        assert int(w.locks.abs().sum()) == 0  # split-K counters back at zero after each replay
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,g,sym,act,bias", [(300, 1000, 1152, 128, False, False, True),
+                                                  (257, 1536, 2112, 0, True, False, False),
+                                                  (129, 3000, 1000, 128, True, True, True)])
+def test_gpu_wgmma_split_k_and_one_warpgroup_tiles(dtype, m, n, k, g, sym, act, bias):
+    """Odd N, K not a multiple of 128, zeros + bias, per-channel, act-order; the split-K counters end at zero."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel is an sm90 path")
+    qw, s, z, gi, g = make(n, k, g, sym, act)
+    w = w4a16_repack(qw, s, z, gi, 4, g, k)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    for cfg in SPLIT_CONFIGS + [SMALL_TILE]:
+        for _ in range(2):
+            check(x, qw, s, z, gi, 4, g, b, cfg, w=w)
+        assert int(w.locks.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", SPLIT_CONFIGS)
+def test_gpu_wgmma_split_k_is_deterministic(cfg):
+    """The fixed-order reduction gives bit-identical results launch after launch (whichever CTA arrives last)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel is an sm90 path")
+    qw, s, z, gi, g = make(3000, 4096, 128, False, False)
+    w = w4a16_repack(qw, s, z, gi, 4, g, 4096)
+    x = torch.randn(200, 4096, device="cuda", dtype=torch.bfloat16)
+    y0 = check(x, qw, s, z, gi, 4, g, None, cfg, w=w)
+    for _ in range(5):
+        assert torch.equal(w4a16_gemm(x, w, config=cfg), y0)
+    assert int(w.locks.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_dequant_overlap_in_cuda_graphs(dtype):
+    """Dequant on a side stream overlapped with cuBLAS: equal to the one-chunk path, eagerly and in graph replays."""
+    qw, s, z, gi, g = make(3000, 1000, 128, False, True)  # odd N, K not a multiple of 128, act-order, zeros
+    w = w4a16_repack(qw, s, z, gi, 4, g, 1000)
+    x = torch.randn(257, 1000, device="cuda", dtype=dtype)
+    b = torch.randn(3000, device="cuda", dtype=dtype)
+    cfg = {"path": "dequant", "chunks": 4, "overlap": True}
+    check(x, qw, s, z, gi, 4, g, b, cfg, w=w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = w4a16_gemm(x, w, b, config=cfg)
+    for seed in range(2):
+        x.copy_(torch.randn(257, 1000, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = w4a16_gemm_ref(x, qw, s, z, gi, 4, g, b)
+        assert (y.float() - ref.float()).abs().max().item() < 2e-2 * ref.float().abs().max().item()
