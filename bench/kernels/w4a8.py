@@ -11,6 +11,7 @@ per shape. Columns:
   nopad_static_us  static quantizing all 16 rows of the token tile (row_pad=False), M = 1, 4
   fused_us / dequant_cublas_us   candidates forced where the selection switches (M > 16), for w4a8_select.json
   dequant_us / dequant_cublas_us   the large-M candidates forced (M >= 128)
+  pre_us / pre_static_us   token_group / static with x quantized first (candidate fused_pre), M <= 64
   bf16_us, cublas_fp8_us         peers (torch.nn.functional.linear; torch._scaled_mm tensor-wise)
 """
 
@@ -53,13 +54,18 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         xqt, _ = quantize_fp8(x, "tensor_dynamic")
-        r = {"shape": name, "N": n, "K": k, "M": m, "cand": pick_candidate(ws[0], m)}
+        r = {"shape": name, "N": n, "K": k, "M": m, "cand": pick_candidate(ws[0], m),
+             "cand_static": pick_candidate(ws[0], m, "tensor_static")}
         if r["cand"] == "fused":
             c = fused_config(ws[0], m, x.device)
             r["cfg"] = f"{c['BLOCK_N']}x{c['BLOCK_M']}/s{c.get('SPLIT_K', 1)}"
         r["us"] = safe_us([lambda w=w: w4a8_linear(x, w, "token_group") for w in ws])
         r["static_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "tensor_static", static) for w in ws])
         r["w4a16_us"] = safe_us([lambda w=w: w4a16_gemm(x, w.w16) for w in ws])
+        if m <= 64:  # x quantized first (quantize_fp8), then the fused kernel on e4m3 x: w4a8_select.json fused_pre
+            r["pre_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "token_group", candidate="fused_pre") for w in ws])
+            r["pre_static_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="fused_pre")
+                                          for w in ws])
         if m in (1, 16):
             r["rcp_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(
                 x, w.w16, "static", static, config=dict(fp8act_config(w.w16, m, x.device), exact=False)) for w in ws])
@@ -94,8 +100,8 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
         print(f"  {name} M={m}: {r['cand']} {r.get('cfg', '')} token_group {r['us']} us, static {r['static_us']} us, "
               f"w4a16 {r['w4a16_us']} us, rcp {r.get('rcp_us')}, bf16 {r['bf16_us']}, fp8 cuBLAS {r['cublas_fp8_us']}"
               f", wide {r.get('wide_us')} / {r.get('wide_static_us')}, no row skip {r.get('nopad_static_us')}, forced "
-              f"fused {r.get('fused_us')} dequant_cublas {r.get('dequant_cublas_us')} dequant {r.get('dequant_us')}",
-              flush=True)
+              f"fused {r.get('fused_us')} dequant_cublas {r.get('dequant_cublas_us')} dequant {r.get('dequant_us')} "
+              f"pre {r.get('pre_us')} / static {r.get('pre_static_us')}", flush=True)
     del ws, bf16, w8
     torch.cuda.empty_cache()
     return rows
@@ -103,7 +109,7 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
 
 COLUMNS = ["shape", "M", "cand", "cfg", "us", "static_us", "w4a16_us", "x_w4a16", "x_w4a16_static", "rcp_us",
            "wide_us", "wide_static_us", "nopad_static_us", "pct_hbm", "bf16_us", "x_bf16", "cublas_fp8_us", "fused_us",
-           "dequant_cublas_us", "dequant_us"]
+           "dequant_cublas_us", "dequant_us", "pre_us", "pre_static_us"]
 
 
 def main(args) -> None:

@@ -17,14 +17,15 @@ int4 unpack (GPU): two words -> four nibbles as 16-bit pairs with prmt + lop3 in
 1024 (fp16, 0x6400) or 128 (bf16, 0x4300) and one fma that removes the bias and the zero, exactly;
 the magic-number idea is from Kim et al. 2022 (arXiv:2211.10017) and Marlin (arXiv:2408.11743).
 fp8 activations (opt-in A_FP8 > 0, w4a16_gemm_fp8act: the w4a8 decode GEMM, symmetric int4, G = 128 = one K-block):
-x is quantized to e4m3 on its load (static scale, or per token group of 128) or arrives as e4m3; e4m3 values and
+x is quantized to e4m3 on its load (static scale, or per token group of 128) or arrives as e4m3 (with per-token or
+per-token-group scales); e4m3 values and
 q - 8 are exact in fp16, so the fp16 MMA products are exact and, in scale-after mode,
     acc[n, m] += (sum_{c in g} (q[n, c] - 8) * xq[m, c]) * s[n, g] * sx[m, g]    (sx per tensor / token: epilogue)
 
 | tensor        | dtype          | shape            | notes                                         |
 |---------------|----------------|------------------|-----------------------------------------------|
 | x             | fp16 / bf16    | [..., K]         | any strides (fp8 mode: also fp32, or e4m3)    |
-| xs            | fp32           | [1] / [M]        | fp8 mode: static / per-token x scale          |
+| xs            | fp32           | [1] / [M] / [M, ceil(K/128)] | fp8: static / token / e4m3 groups (row-major) |
 | pre_quant_scale | x.dtype      | [K]              | fp8 mode: x * it, rounded to x.dtype, first   |
 | w.qweight     | int32          | [Kp/KB, N, W]    | see w4a16_layout.py                           |
 | w.scales      | fp16/bf16/fp32 | [Kp/Gk, N]       |                                               |
@@ -56,7 +57,7 @@ from lowbit.kernels.w4a16_tune import heuristic, interpreting, select_config
 
 # opt-in fp8 activations (A_FP8; 0 = the 16-bit w4a16 GEMM): x quantized to e4m3 as reference.quantize_fp8_ref;
 # the wrapper for that mode is w4a16_fp8act.py
-A_E4M3_ROW, A_STATIC, A_TOKEN_GROUP = 1, 2, 3
+A_E4M3_ROW, A_STATIC, A_TOKEN_GROUP, A_E4M3_GROUP = 1, 2, 3, 4
 
 
 def _unpack_asm(j: int, bf16: bool, scaled: bool) -> str:
@@ -288,14 +289,17 @@ def w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr,
                                           BLOCK_N)
             a = _unpack_group(q, ce, co, s, gi * CPG // 2, CPG, BITS, USE_ASM, not SCALE_AFTER, DT)
             xt = _load_x(x_rows, row_ok, perm_ptr, c0 + offs_g, Kx, stride_xk, HAS_PERM, EVEN_K)  # [BM, CPG*W]
-            if A_FP8 != 0:
+            if A_FP8 == 4:  # e4m3 with per-(token, 128 columns) scales: widening is exact, the scale is loaded
+                xt = xt.to(tl.float16)
+                sg = tl.load(xs_ptr + offs_m * stride_xs + c0 // 128, mask=offs_m < M, other=0.0)
+            elif A_FP8 != 0:
                 xt, sg = _fp8_x(xt, pqs_ptr, c0 + offs_g, Kx, sx, rx, A_FP8, HAS_PQS, UE8M0, EXACT, SOFT)
                 for _ in tl.static_range(X_PAD):  # zero rows up to the MMA's 16..64 tokens
                     xt = tl.reshape(tl.permute(tl.join(xt, tl.zeros_like(xt)), (2, 0, 1)),
                                     (2 * xt.shape[0], xt.shape[1]))
                     if A_FP8 == 3:
                         sg = tl.reshape(tl.permute(tl.join(sg, tl.zeros_like(sg)), (1, 0)), (2 * sg.shape[0],))
-            if A_FP8 == 3:  # the group's activation scale [BM] joins the weight scale on the fp32 partial
+            if A_FP8 == 3 or A_FP8 == 4:  # the group's activation scale [BM] joins the weight scale on the partial
                 if GROUP_PART:
                     acc += tl.dot(a, tl.trans(xt)) * (s * sg[None, :])
                 else:
@@ -402,7 +406,8 @@ def _fused(x2, w: W4A16Weights, bias, cfg: dict, y: torch.Tensor, a_fp8: int = 0
     if a_fp8:
         # in-kernel quantization costs ALU time per row of the token tile: at M = 1 quantize one row, not 16
         # (H100: 4096x7168 static 11.7 us vs 13.1 us); padding 2..8 rows the same way measured 1.6-2.5x slower
-        pad = (block_m.bit_length() - 1) if m == 1 and a_fp8 != A_E4M3_ROW and cfg.get("row_pad", True) else 0
+        pad = ((block_m.bit_length() - 1) if m == 1 and a_fp8 in (A_STATIC, A_TOKEN_GROUP) and cfg.get("row_pad", True)
+               else 0)
         fp8 = {"A_FP8": a_fp8, "HAS_PQS": pqs is not None, "UE8M0": ue8m0, "EXACT": cfg.get("exact", True),
                "SOFT": interpreting(), "X_PAD": pad}
     w4a16_kernel[(tiles, split)](

@@ -7,6 +7,7 @@ exact integers (q - 8) and exact e4m3 values in 16 bits with fp32 accumulation.
 | static      | fp16/bf16/fp32    | [1]                              | in-kernel, e4m3(clamp(x / s))      |
 | token_group | fp16/bf16/fp32    | none (per row and 128 columns)   | in-kernel (ue8m0: powers of two)   |
 | e4m3_row    | e4m3 [M, K]       | [M] / [M, 1] per token, [1]      | by the caller (quantize_fp8)       |
+| e4m3_group  | e4m3 [M, K]       | [M, ceil(K/128)] per token group | by the caller (quantize_fp8)       |
 Weights: symmetric int4, group 128, no act-order, from w4a16_repack. M <= FP8_ACT_MAX_M.
 """
 
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.w4a16 import A_E4M3_ROW, A_STATIC, A_TOKEN_GROUP, W4A16Weights, _check, _fused
+from lowbit.kernels.w4a16 import A_E4M3_GROUP, A_E4M3_ROW, A_STATIC, A_TOKEN_GROUP, W4A16Weights, _check, _fused
 from lowbit.kernels.w4a16_tune import heuristic, select_config
 
-FP8_ACT_MODES = {"e4m3_row": A_E4M3_ROW, "static": A_STATIC, "token_group": A_TOKEN_GROUP}
+FP8_ACT_MODES = {"e4m3_row": A_E4M3_ROW, "static": A_STATIC, "token_group": A_TOKEN_GROUP, "e4m3_group": A_E4M3_GROUP}
 FP8_ACT_MAX_M = 64  # a decode mode: token tiles of at most 64
 
 
@@ -43,7 +44,7 @@ def w4a16_gemm_fp8act(x: torch.Tensor, w: W4A16Weights, mode: str, x_scale: torc
 
     mode "static": x 16/32-bit, x_scale [1] fp32, e4m3(clamp(x / s)) in-kernel; "token_group": x 16/32-bit, scales
     of each row's 128 columns in-kernel (ue8m0: powers of two); "e4m3_row": x already e4m3 with x_scale [M, 1] / [M]
-    (per token) or [1] (per tensor). pre_quant_scale [K] (x.dtype; not with e4m3_row) multiplies x first, rounded
+    (per token) or [1] (per tensor); "e4m3_group": x already e4m3 with x_scale [M, ceil(K/128)] (any strides). pre_quant_scale [K] (x.dtype; not with e4m3_row) multiplies x first, rounded
     to x.dtype. Codes and scales equal reference.quantize_fp8_ref's on the same device.
     """
     if mode not in FP8_ACT_MODES:
@@ -55,7 +56,7 @@ def w4a16_gemm_fp8act(x: torch.Tensor, w: W4A16Weights, mode: str, x_scale: torc
         raise NotImplementedError(f"w4a16_gemm_fp8act: weights must be symmetric int4, group 128, no act-order; got "
                                   f"{w.bits}-bit, zeros={w.zeros is not None}, act-order={w.perm is not None}, "
                                   f"G={w.group_size}")
-    e4m3 = mode == "e4m3_row"
+    e4m3 = mode.startswith("e4m3")
     allowed = (torch.float8_e4m3fn,) if e4m3 else (torch.float16, torch.bfloat16, torch.float32)
     if x.dtype not in allowed:
         raise ValueError(f"w4a16_gemm_fp8act: x dtype {x.dtype} is not supported in mode {mode!r}; "
@@ -65,7 +66,7 @@ def w4a16_gemm_fp8act(x: torch.Tensor, w: W4A16Weights, mode: str, x_scale: torc
     if x.device != w.qweight.device:
         raise ValueError(f"w4a16_gemm_fp8act: x is on {x.device}, weights on {w.qweight.device}")
     m = x.shape[0]
-    want = {"static": (1,), "e4m3_row": (1, m)}.get(mode)
+    want = {"static": (1,), "e4m3_row": (1, m), "e4m3_group": (m * -(-w.k // 128),)}.get(mode)
     if want is not None and (x_scale is None or x_scale.dtype != torch.float32 or x_scale.numel() not in want
                              or x_scale.device != x.device):
         raise ValueError(f"w4a16_gemm_fp8act: mode {mode!r} needs an fp32 x_scale on {x.device} with "
@@ -73,7 +74,7 @@ def w4a16_gemm_fp8act(x: torch.Tensor, w: W4A16Weights, mode: str, x_scale: torc
                          f"{None if x_scale is None else (x_scale.dtype, tuple(x_scale.shape), str(x_scale.device))}")
     if pre_quant_scale is not None and (e4m3 or pre_quant_scale.shape != (w.k,) or pre_quant_scale.dtype != x.dtype):
         raise ValueError(f"w4a16_gemm_fp8act: pre_quant_scale must be [K={w.k}] in x's dtype {x.dtype} (not with "
-                         f"e4m3_row), got {pre_quant_scale.dtype} {tuple(pre_quant_scale.shape)} in mode {mode!r}")
+                         f"e4m3 x), got {pre_quant_scale.dtype} {tuple(pre_quant_scale.shape)} in mode {mode!r}")
     out_dtype = out_dtype or (torch.bfloat16 if e4m3 else x.dtype)
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"w4a16_gemm_fp8act: out_dtype {out_dtype} is not supported; supported: fp16, bf16, fp32")
@@ -81,7 +82,10 @@ def w4a16_gemm_fp8act(x: torch.Tensor, w: W4A16Weights, mode: str, x_scale: torc
     y = torch.empty((m, w.n), dtype=out_dtype, device=x.device)
     if m == 0:
         return y
-    xs = x_scale.reshape(-1) if x_scale is not None else None
+    if mode == "e4m3_group":  # row-major [M, groups] (the kernel indexes row * stride + group)
+        xs = x_scale.reshape(m, -1).contiguous()
+    else:
+        xs = x_scale.reshape(-1) if x_scale is not None else None
     pqs = pre_quant_scale.contiguous() if pre_quant_scale is not None else None
     cfg = config or fp8act_config(w, m, x.device)
     return _fused(x, w, bias.contiguous() if bias is not None else None, cfg, y, FP8_ACT_MODES[mode], xs, pqs, ue8m0)

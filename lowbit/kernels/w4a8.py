@@ -15,6 +15,9 @@ Candidates (`pick_candidate`; M thresholds in configs/w4a8_select.json, measured
 | fused          | the w4a16 decode kernel in fp8-activation mode (w4a16_fp8act.w4a16_gemm_fp8act): int4 unpacked  |
 |                | in registers, x quantized on its load (static / token_group; token and tensor_dynamic   |
 |                | take quantize_fp8 first), exact fp16 MMAs, w4a16's tuned split-K tiles; M <= 64          |
+| fused_pre      | the same kernel on x quantized first by quantize_fp8 (e4m3_row / e4m3_group modes): no  |
+|                | per-tile quantization (token_group's row amax is a reduction in every weight tile);     |
+|                | static / token_group in the M range fused_pre["NxK"][granularity] measured per shape     |
 | dequant_cublas | int4 -> e4m3 weight scratch [N, Kp] (one pass), quantize_fp8, then cuBLAS F.scaled_mm   |
 |                | BlockWise1x128 x BlockWise1x128 (K % 128 == 0, N % 16 == 0, M >= 16); per-tensor /     |
 |                | per-token activation scales enter as constant 1 x 128 block scales (the same math)      |
@@ -43,8 +46,9 @@ from lowbit.kernels.w4a16 import W4A16Weights, w4a16_repack
 from lowbit.kernels.w4a16_fp8act import FP8_ACT_MAX_M, fp8act_config, w4a16_gemm_fp8act
 
 GROUP_SIZE = 128
-CANDIDATES = ("fused", "dequant", "dequant_cublas")
-_DEFAULT_SELECT = {"fused_max_m": 16, "dequant_cublas_min_m": 17, "fused_wide_min_m": 65, "fused_row_skip": True}
+CANDIDATES = ("fused", "fused_pre", "dequant", "dequant_cublas")
+_DEFAULT_SELECT = {"fused_max_m": 16, "dequant_cublas_min_m": 17, "fused_wide_min_m": 65, "fused_row_skip": True,
+                   "fused_pre": {}}
 WIDE_BLOCK_N = 128  # fused from M = fused_wide_min_m: 128-row weight tiles (half the in-kernel x quantization)
 CUBLAS_MIN_M = 16  # as fp8_gemm.CUBLAS_BLOCK_MIN_M (1 x 128 x 1 x 128 probed at M = 16, 32, 64, 128)
 _FUSED_MODES = {"tensor_static": "static", "token_group": "token_group"}  # quantized in-kernel
@@ -124,8 +128,11 @@ def fused_config(w: W4A8Weights, m: int, device) -> dict:
     return dict(cfg, row_pad=bool(sel["fused_row_skip"]))
 
 
-def pick_candidate(w: W4A8Weights, m: int) -> str:
+def pick_candidate(w: W4A8Weights, m: int, act: str = "token_group") -> str:
     sel = _select()
+    lo, hi = sel["fused_pre"].get(f"{w.n}x{w.k}", {}).get(act, (0, -1))  # measured M range of this shape, if any
+    if w.w16.qweight.is_cuda and lo <= m <= min(hi, FP8_ACT_MAX_M):
+        return "fused_pre"
     if m <= min(sel["fused_max_m"], FP8_ACT_MAX_M) or (not w.w16.qweight.is_cuda and m <= FP8_ACT_MAX_M):
         return "fused"
     return "dequant_cublas" if m >= sel["dequant_cublas_min_m"] and cublas_ok(w, m) else "dequant"
@@ -168,7 +175,7 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     m = x2.shape[0]
-    cand = candidate or pick_candidate(w, m)
+    cand = candidate or pick_candidate(w, m, act_granularity)
     if cand not in CANDIDATES:
         raise ValueError(f"w4a8_linear: candidate {cand!r} is not supported; supported: {CANDIDATES}")
     in_kernel = cand == "fused" and act_granularity in _FUSED_MODES
@@ -183,8 +190,9 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
         x2 = x2.contiguous()
     group = act_granularity == "token_group"
     xq, xs = quantize_fp8(x2, act_granularity, input_scale, GROUP_SIZE, ue8m0, column_major_scales=group)
-    if cand == "fused":  # token / tensor_dynamic: the whole row's amax comes first, so x is quantized before
-        y = w4a16_gemm_fp8act(xq, w.w16, "e4m3_row", xs.float(), bias, out_dtype, config=fused_config(w, m, x.device))
+    if cand in ("fused", "fused_pre"):  # token / tensor_dynamic (the whole row's amax comes first) or forced
+        mode = "e4m3_group" if group else "e4m3_row"
+        y = w4a16_gemm_fp8act(xq, w.w16, mode, xs.float(), bias, out_dtype, config=fused_config(w, m, x.device))
     elif cand == "dequant_cublas":
         y = _dequant_cublas(xq, xs, group, w, bias, out_dtype)
     else:

@@ -68,7 +68,9 @@ def test_repack_layout():
 
 CPU_CASES = [(1, 64, 300, "tensor_static", "fused"), (3, 96, 256, "token_group", "fused"),
              (17, 40, 200, "token_group", "fused"), (2, 32, 128, "tensor_dynamic", "fused"),
-             (3, 48, 100, "token", "fused"), (6, 64, 384, "token", "dequant"), (70, 48, 130, "tensor_static", None)]
+             (3, 48, 100, "token", "fused"), (6, 64, 384, "token", "dequant"), (70, 48, 130, "tensor_static", None),
+             (3, 96, 256, "token_group", "fused_pre"), (1, 64, 300, "tensor_static", "fused_pre"),
+             (17, 40, 200, "token_group", "fused_pre")]
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -89,10 +91,11 @@ CODE_CASES = [(1, "tensor_static", torch.float16, False, False), (16, "token_gro
               (2, "token_group", torch.bfloat16, False, True)]
 
 
+@pytest.mark.parametrize("cand", ["fused", "fused_pre"])
 @pytest.mark.parametrize("m,act,dtype,ue8m0,smooth", CODE_CASES, ids=lambda c: str(c))
-def test_codes_equal_reference(m, act, dtype, ue8m0, smooth):
+def test_codes_equal_reference(m, act, dtype, ue8m0, smooth, cand):
     """W = I (q = 9 on the diagonal, unit scales): y = xq * sx exactly, so every e4m3 code and scale must match
-    (M = 1 also covers the kernel quantizing only the token row of its 16-row tile)."""
+    (M = 1 also covers the kernel quantizing only the token row of its 16-row tile); fused_pre: quantize_fp8 first."""
     k = 256
     q = torch.full((k, k), 8, dtype=torch.int64)
     q.fill_diagonal_(9)
@@ -101,7 +104,7 @@ def test_codes_equal_reference(m, act, dtype, ue8m0, smooth):
     x = _x(m, k, dtype, seed=7) * torch.logspace(-3, 1, k, device=DEV).to(dtype)  # every e4m3 binade, ties too
     pqs = (torch.rand(k, generator=torch.Generator().manual_seed(2)) + 0.5).to(dtype).to(DEV) if smooth else None
     scale = _static() if act == "tensor_static" else None
-    y = w4a8_linear(x, w, act, scale, out_dtype=torch.float32, ue8m0=ue8m0, candidate="fused", pre_quant_scale=pqs)
+    y = w4a8_linear(x, w, act, scale, out_dtype=torch.float32, ue8m0=ue8m0, candidate=cand, pre_quant_scale=pqs)
     xs_in = x * pqs if smooth else x
     xq, xs = ref.quantize_fp8_ref(xs_in, act, scale, ue8m0=ue8m0)
     assert torch.equal(y, ref.dequantize_fp8_act(xq, xs, act))
@@ -171,8 +174,8 @@ GPU_SHAPES = [(1, 4096, 7168), (7, 2112, 7168), (16, 576, 7168), (24, 2112, 7168
 
 
 def _candidates(m, n, k):
-    return (["fused"] if m <= 64 else []) + ["dequant", None] + (["dequant_cublas"] if k % 128 == 0 and n % 16 == 0
-                                                                 and m >= 16 else [])
+    return (["fused", "fused_pre"] if m <= 64 else []) + ["dequant", None] + (
+        ["dequant_cublas"] if k % 128 == 0 and n % 16 == 0 and m >= 16 else [])
 
 
 @pytest.mark.gpu
