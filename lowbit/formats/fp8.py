@@ -79,6 +79,15 @@ def warn_kv_scales(modules: dict[str, Leaves], fmt: str) -> list[str]:
     return dropped
 
 
+def reject_stray_scales(prefix: str, leaves: Leaves, scales: Sequence[str], quantized: str) -> None:
+    """A module whose weight is not quantized must carry none of `scales`; `quantized` names the dtypes that may."""
+    stray = sorted(set(leaves) & set(scales))
+    if stray:
+        w = leaves.get("weight")
+        raise FormatError(f"{prefix}.{stray[0]}: a weight scale beside a {w[0] if w else 'missing'} weight; "
+                          f"{quantized}")
+
+
 def check_block(prefix: str, leaves: Leaves, block: tuple[int, int]) -> None:
     """fp8 `weight` [N, K] + `weight_scale_inv` on the ceil grid [ceil(N/BN), ceil(K/BK)]."""
     shape = leaves["weight"][1]
@@ -176,10 +185,8 @@ class Fp8Format(CheckpointFormat):
         for prefix, leaves in sorted(modules.items()):
             w = leaves.get("weight")
             if w is None or w[0] != FP8:
-                stray = sorted(set(leaves) & {"weight_scale_inv", "weight_scale"})
-                if stray:
-                    raise FormatError(f"{prefix}.{stray[0]}: a weight scale beside a {w[0] if w else 'missing'} "
-                                      f"weight; only float8_e4m3fn weights (F8_E4M3) carry scales")
+                reject_stray_scales(prefix, leaves, ("weight_scale_inv", "weight_scale"),
+                                    "only float8_e4m3fn weights (F8_E4M3) carry scales")
                 continue
             if listed(prefix, ignore):
                 raise FormatError(f"{prefix}.weight is stored as fp8 but {prefix} is listed in "

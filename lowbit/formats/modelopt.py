@@ -36,7 +36,7 @@ import torch
 from lowbit.config import ModelConfig
 from lowbit.formats.base import CheckpointFormat, FormatError, read_json
 from lowbit.formats.fp8 import (FP8, KV_SCALES, Leaves, block_scheme, check_block, check_scalar, check_tensor, listed,
-                                positive_scalar, read_headers, warn_kv_scales)
+                                positive_scalar, read_headers, reject_stray_scales, warn_kv_scales)
 from lowbit.formats.modelopt_w4a8 import canonical_qweight, save_checkpoint, unpack_k, unpack_rows  # noqa: F401
 from lowbit.scheme import FP8_TENSOR_STATIC, QuantScheme
 
@@ -167,10 +167,8 @@ class ModelOptFormat(CheckpointFormat):
         for prefix, leaves in sorted(modules.items()):
             w = leaves.get("weight")
             if w is None or w[0] not in LAYOUTS:
-                stray = sorted(set(leaves) & {"weight_scale", "weight_scale_inv", "weight_scale_2"})
-                if stray:
-                    raise FormatError(f"{prefix}.{stray[0]}: a weight scale beside a {w[0] if w else 'missing'} "
-                                      f"weight; quantized weights are {sorted(LAYOUTS)}")
+                reject_stray_scales(prefix, leaves, ("weight_scale", "weight_scale_inv", "weight_scale_2"),
+                                    f"quantized weights are {sorted(LAYOUTS)}")
                 continue
             if listed(prefix, exclude):
                 raise FormatError(f"{prefix}.weight is stored quantized ({w[0]}) but {prefix} is excluded "

@@ -182,10 +182,16 @@ def cublas_block_split(w: Fp8Weights, m: int) -> tuple[int, bool]:
     """(split_k, split_n) of the cuBLAS block-wise call at M rows: configs/fp8_select.json block.shapes["NxK"]
     "cublas_block_split_k" {"<max M>": pieces} (smallest bucket >= M; none above the largest) and
     "cublas_block_split_n_min_m" (measured per shape; (1, False) elsewhere)."""
-    entry = load_config("fp8_select").get("block", {}).get("shapes", {}).get(f"{w.n}x{w.k}", {})
-    split_k = next((s for b, s in sorted((int(b), s) for b, s in entry.get("cublas_block_split_k", {}).items())
-                    if m <= b), 1)
-    return split_k, m >= entry.get("cublas_block_split_n_min_m", 1 << 62)
+    buckets, split_n_min_m = _split_table(w.n, w.k)
+    return next((s for b, s in buckets if m <= b), 1), m >= split_n_min_m
+
+
+@functools.lru_cache(maxsize=None)
+def _split_table(n: int, k: int) -> tuple[tuple[tuple[int, int], ...], int]:
+    """((max M, split_k) sorted by M, split_n's min M) of one shape, parsed once (cublas_block_split runs per call)."""
+    entry = load_config("fp8_select").get("block", {}).get("shapes", {}).get(f"{n}x{k}", {})
+    buckets = tuple(sorted((int(b), s) for b, s in entry.get("cublas_block_split_k", {}).items()))
+    return buckets, entry.get("cublas_block_split_n_min_m", 1 << 62)
 
 
 def pick_candidate(w: Fp8Weights, act: str, m: int, out_dtype=torch.bfloat16) -> str:
@@ -323,7 +329,7 @@ def _block_mm(xq, xs, wq, grid, out_dtype, out=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _side_streams(device: torch.device, count: int) -> tuple:
+def side_streams(device: torch.device, count: int) -> tuple:
     """Streams on which split cuBLAS calls run beside the current stream (fork/join; CUDA graphs capture branches)."""
     return tuple(torch.cuda.Stream(device) for _ in range(count))
 
@@ -368,7 +374,7 @@ def _cublas_block(xq, xs, w: Fp8Weights, bias, out_dtype, split_k: int = 1, spli
         y = _block_mm(xq, xs, w.weight, w.grid, out_dtype)
         return y if bias is None else y.add_(bias)
     main = torch.cuda.current_stream(dev)
-    side = _side_streams(dev, len(chunks) - 1 + (n_main < w.n))
+    side = side_streams(dev, len(chunks) - 1 + (n_main < w.n))
     for st in side:
         st.wait_stream(main)
     if len(chunks) > 1:

@@ -53,7 +53,7 @@ import triton.language as tl
 from lowbit.kernels.w4a16_layout import (SUPPORTED_DTYPES, W4A16Weights, w4a16_can_implement,  # noqa: F401
                                          w4a16_repack)
 from lowbit.kernels.quant_act import e4m3_rne, fp8_scale
-from lowbit.kernels.w4a16_tune import heuristic, interpreting, select_config
+from lowbit.kernels.w4a16_tune import heuristic, interpreting, select_config, wgmma_ok
 
 # opt-in fp8 activations (A_FP8; 0 = the 16-bit w4a16 GEMM): x quantized to e4m3 as reference.quantize_fp8_ref;
 # the wrapper for that mode is w4a16_fp8act.py
@@ -370,9 +370,9 @@ def w4a16_gemm(x: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None = Non
         return x.new_empty((*lead, w.n))
     cfg = config or select_config(w, m, x.dtype, x.device)
     if cfg["path"] == "wgmma":  # large M on sm90 (w4a16_wgmma.py; imported here: it imports this module)
-        from lowbit.kernels.w4a16_wgmma import w4a16_wgmma_gemm, wgmma_supported
+        from lowbit.kernels.w4a16_wgmma import w4a16_wgmma_gemm
 
-        if wgmma_supported(w, x.device):
+        if wgmma_ok(w, x.device):
             return w4a16_wgmma_gemm(x2, w, bias, cfg).reshape(*lead, w.n)
         cfg = heuristic(w, m, x.device)  # a table entry on weights that kernel cannot walk (8-bit, G < 128)
     if cfg["path"] == "tma":  # large M, TMA-fed Triton kernel (w4a16_tma.py)

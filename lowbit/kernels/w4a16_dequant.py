@@ -9,12 +9,12 @@ cuBLAS multiplies chunk i (two buffers, event-ordered). act-order multiplies x g
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels.fp8_gemm import side_streams
 from lowbit.kernels.w4a16 import _group_consts, _unpack_group
 from lowbit.kernels.w4a16_layout import W4A16Weights
 from lowbit.kernels.w4a16_tune import interpreting
@@ -71,11 +71,6 @@ def w4a16_dequantize(w: W4A16Weights, dtype: torch.dtype, rows: tuple[int, int] 
 DEQUANT_CHUNK_ELEMS = 1 << 28  # 512 MB of 16-bit weights at a time: bounded workspace for big layers
 
 
-@functools.lru_cache(maxsize=None)
-def _side_stream(device_index: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device=device_index)
-
-
 def dequant_matmul(x2: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None, chunks: int = 1,
                     overlap: bool = False) -> torch.Tensor:
     """Large M: W in x.dtype, N-chunk by N-chunk into a reused buffer, then cuBLAS into those columns of y. With
@@ -89,7 +84,7 @@ def dequant_matmul(x2: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None,
     overlap = overlap and len(starts) > 1 and x2.is_cuda
     bufs = [torch.empty((min(rows, w.n), x2.shape[1]), dtype=x2.dtype, device=x2.device) for _ in range(1 + overlap)]
     main = torch.cuda.current_stream(x2.device) if overlap else None
-    side = _side_stream(x2.device.index) if overlap else None
+    side = side_streams(x2.device, 1)[0] if overlap else None
     if overlap:
         side.wait_stream(main)  # x, y and the buffers are ready
     freed = [None, None]  # per buffer: cuBLAS is done reading it

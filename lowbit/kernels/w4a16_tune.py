@@ -102,7 +102,7 @@ def heuristic(w, m: int, device) -> dict:
                 "SCALE_AFTER": True, "num_warps": 4, "num_stages": 3}
     if m >= 2048:
         return {"path": "dequant"}
-    if _wgmma_ok(w, device):  # the H100 table's usual winners at M = 128..1024 (16 of 16 shapes at 128 and 256);
+    if wgmma_ok(w, device):  # the H100 table's usual winners at M = 128..1024 (16 of 16 shapes at 128 and 256);
         # on six shapes the table lacks (7168x2048 .. 57344x8192) 1.3-2.2x faster than the fused 128x128 tiles (H100)
         block_m = 128 if m <= 128 else 256
         tiles = -(-w.n // 128) * -(-m // block_m)  # one CTA per SM: split K only up to about one wave
@@ -124,8 +124,9 @@ def _gluon() -> bool:
         return False
 
 
-def _wgmma_ok(w, device) -> bool:
-    """What w4a16_wgmma.wgmma_supported accepts (sm90, 4-bit, groups of whole K-blocks), with Gluon installed."""
+def wgmma_ok(w, device) -> bool:
+    """Weights and device the wgmma kernel (w4a16_wgmma.py) walks: sm90, 4-bit, groups of whole K-blocks (or
+    per-channel), with Gluon installed."""
     dev = torch.device(device)
     return (dev.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(dev)[0] == 9
             and w.bits == 4 and (w.gk == 0 or w.gk % w.block_k == 0) and _gluon())

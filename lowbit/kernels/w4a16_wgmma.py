@@ -259,13 +259,6 @@ def _epilogue(acc, s_v, bias_ptr, y_ptr, M, N, stride_ym, m0, n0, ONE_GROUP: gl.
     gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(offs_on < N)[:, None] & (offs_om < M)[None, :])
 
 
-def wgmma_supported(w: W4A16Weights, device) -> bool:
-    """sm90, 4-bit, groups of whole K-blocks (or per-channel)."""
-    dev = torch.device(device)
-    return (dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] == 9 and w.bits == 4
-            and (w.gk == 0 or w.gk % w.block_k == 0))
-
-
 def w4a16_wgmma_gemm(x2: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
     """y [M, N] = x2 [M, K] @ W^T (+ bias); cfg: BLOCK_N (64 per warpgroup), BLOCK_M, num_stages, GROUP_M, RS,
     SPLIT_K (> 1: a [S, tiles, BN, BM] fp32 workspace and the tile counters in w.locks; one stream per weight)."""

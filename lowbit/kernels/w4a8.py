@@ -32,6 +32,7 @@ the per-element conversions and the tile shuffles dominate. dequant (Triton bloc
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -118,7 +119,9 @@ def cublas_ok(w: W4A8Weights, m: int) -> bool:
             and hasattr(torch.nn.functional, "scaled_mm"))
 
 
+@functools.lru_cache(maxsize=None)
 def _select() -> dict:
+    """The defaults overlaid with configs/w4a8_select.json (read once, as load_config)."""
     return {**_DEFAULT_SELECT, **{k: v for k, v in load_config("w4a8_select").items() if k in _DEFAULT_SELECT}}
 
 

@@ -47,14 +47,10 @@ def _layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     return next(n for n, m in model.named_modules() if m is layers)
 
 
-def _is_expert(name: str) -> bool:
-    return ".experts." in name
-
-
 def quant_targets(model: nn.Module, recipe: Recipe, ignore) -> tuple[list[str], list[str]]:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if recipe.experts_only and any(_is_expert(n) for n in names):
-        skip = [n for n in names if not _is_expert(n)]
+    if recipe.experts_only and any(is_expert(n) for n in names):
+        skip = [n for n in names if not is_expert(n)]
     else:
         skip = [n for n in names if matches_any(n, ignore)]
     return [n for n in names if n not in skip], skip
@@ -117,8 +113,9 @@ def _calibrated(model, ctx: _Ctx, samples, targets, batch_size, progress, device
         if ctx.recipe.algorithm == "gptq":
             for stage in stages(groups):  # true-sequential: each stage sees the quantized stages before it
                 all_stats = _collect(layer, inputs, stage, want_h=True)
+                fallback = _stage_amax(all_stats)
                 for g, st in zip(stage, all_stats):
-                    _finish_group(ctx, layer, lp, g, st, fallback=_stage_amax(all_stats))
+                    _finish_group(ctx, layer, lp, g, st, fallback=fallback)
         else:
             _smoothed_or_static(ctx, layer, lp, groups, inputs)
         inputs = run_layer(layer, inputs)
@@ -165,12 +162,13 @@ def _smoothed_or_static(ctx: _Ctx, layer, lp, groups, inputs) -> None:
         for g, st in zip(groups, all_stats):
             if not moe or g not in moe[1]:
                 ctx.result.notes[f"{lp}.{g[0]}"] = awq_smooth(ctx.recipe, layer, g, st, ctx.scale_dtype)
-    fallbacks = {}
+    by_stage = {}
     for g, st in zip(groups, all_stats):
-        fallbacks.setdefault(stage_key(g[0]), []).append(st)
+        by_stage.setdefault(stage_key(g[0]), []).append(st)
+    fallbacks = {key: _stage_amax(sts) for key, sts in by_stage.items()}
     for g, st in zip(groups, all_stats):
         w0, h0 = originals.get(g[0], (None, None))
-        _finish_group(ctx, layer, lp, g, st, h0, w0, fallback=_stage_amax(fallbacks[stage_key(g[0])]))
+        _finish_group(ctx, layer, lp, g, st, h0, w0, fallback=fallbacks[stage_key(g[0])])
 
 
 def _finish_group(ctx: _Ctx, layer, lp, rel_names, stats, rtn_h=None, rtn_w=None, fallback=None):
