@@ -3,7 +3,9 @@
 `tune(out)` sweeps kernel configs; `split_k_sweep` and `retime` (python -m bench.kernels.fp8_tune sweep | retime) time
 the split-K kernel for M = 1..256 against its peers and wrote configs/fp8_small_m.json and the thresholds of
 fp8_select.json; `split_tune` (python -m bench.kernels.fp8_tune split_tune) times cuBLAS block-wise split over K / N on
-side streams and PDL for small_m, and writes those choices and the small_m crossover into the configs; `warm_bench`
+side streams and PDL for small_m, and writes those choices and the small_m crossover into the configs; `rows_tune`
+(python -m bench.kernels.fp8_tune rows_tune) times cuBLAS block-wise with the weight scales expanded to rows (1x128
+x 1x128) against the current call and per-tensor cuBLAS fp8, and writes its M ranges into fp8_select.json; `warm_bench`
 compiles the benchmark's kernels in parallel processes first.
 """
 
@@ -559,11 +561,123 @@ def split_tune(out_dir: str, budget_s: float = 80) -> dict:
     return select
 
 
+# ---- the rows variant of the cuBLAS block-wise call (results become fp8_select.json cublas_block_rows*_m) ----------
+
+ROWS_MS = (128, 256, 512, 1024, 2048, 4096, 8192)
+ROWS_KEYS = ("cublas_block_rows_m", "cublas_block_rows_split_n_m")
+
+
+def _rows_range(choice: dict, want: str):
+    """The longest run of consecutive measured M choosing `want` (ties: the larger M) as [lo, hi]; hi None when the
+    run reaches the largest M measured (no upper bound); None without one."""
+    runs, cur = [], []
+    for m in ROWS_MS:
+        if choice.get(m) == want:
+            cur.append(m)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    if not runs:
+        return None
+    best = max(runs, key=lambda r: (len(r), r[-1]))
+    return [best[0], None if best[-1] == ROWS_MS[-1] else best[-1]]
+
+
+def rows_tune(out_dir: str, budget_s: float = 240, passes: int = 2, shapes=None, confirm: bool = False) -> dict:
+    """Per block-weight sweep shape and M = 128..8192, the GEMM alone on e4m3 x, each by CUDA-graph replay over
+    rotated weight copies, in `passes` rounds (variants interleaved): the current cuBLAS block-wise call (its
+    split_k / split_n table, 128x128 weight scales), rows (fp8_gemm._rows_scales, with the same split_k), rows +
+    split_n (N % 128 != 0) and per-tensor cuBLAS fp8 (torch._scaled_mm, the peer). A rows variant is kept at an M
+    where it is the fastest and >= 3% faster than the current call in every round; the longest run of such M becomes
+    block.shapes["NxK"].cublas_block_rows_m / cublas_block_rows_split_n_m in configs/fp8_select.json (keys of shapes
+    without one removed), everything timed goes to <out_dir>/fp8_rows_tune.json. confirm: a second run, in a new
+    process, keeps only the M inside the ranges the config already holds (the first run's) that win again."""
+    from lowbit.kernels.fp8_gemm import _cublas_block, _split_table
+    from lowbit.kernels.quant_act import quantize_fp8
+
+    t0 = time.time()
+    shapes = shapes or [s for v in SHAPES.values() for s in v]
+    res: dict = {}
+    select: dict = {}
+    table = []
+    one = torch.ones((), device="cuda")
+    for n, k in shapes:
+        if time.time() - t0 > budget_s:
+            print(f"rows_tune: budget, skipped {n}x{k}", flush=True)
+            continue
+        Ws = [s["block"] for s in fp8_weight_sets(n, k, copies_for(n * k))]
+        buckets, split_n_min_m, *prev = _split_table(n, k)  # prev: the configured rows, rows + split_n M ranges
+        rows = res.setdefault(f"{n}x{k}", {})
+        choice = {}
+        for m in ROWS_MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xq, xs = quantize_fp8(x, "token_group", column_major_scales=True)
+            split_k = next((p for b, p in buckets if m <= b), 1)
+            variants = {"current": (split_k, m >= split_n_min_m, False), "rows": (split_k, False, True)}
+            if n % 128:
+                variants["rows_split_n"] = (split_k, True, True)
+            t: dict = {v: [] for v in (*variants, "tensor")}
+            for _ in range(passes):
+                for v, args in variants.items():
+                    t[v].append(safe_us([lambda W=W, a=args: _cublas_block(xq, xs, W, None, torch.bfloat16, *a)
+                                         for W in Ws]) or float("inf"))
+                t["tensor"].append(safe_us([lambda W=W: torch._scaled_mm(xq, W.weight.t(), one, one,
+                                                                         out_dtype=torch.bfloat16) for W in Ws]))
+            mean = {v: sum(ts) / len(ts) for v, ts in t.items() if all(ts)}
+            best = min((v for v in variants if v in mean), key=lambda v: mean[v], default="current")
+            win = best != "current" and all(a < 0.97 * c for a, c in zip(t[best], t["current"]))
+            if confirm:
+                win = win and prev[best == "rows_split_n"][0] <= m <= prev[best == "rows_split_n"][1]
+            choice[m] = best if win else "current"
+            tensor = mean.get("tensor")
+            r = {"split_k": split_k, "us": t, "choice": choice[m],
+                 "pct_tensor_before": 100 * tensor / mean["current"] if tensor and "current" in mean else None,
+                 "pct_tensor_after": 100 * tensor / mean[choice[m]] if tensor and choice[m] in mean else None}
+            rows[str(m)] = r
+            table.append((f"{n}x{k}", m, *(mean.get(v) for v in ("current", "rows", "rows_split_n", "tensor")),
+                          r["pct_tensor_before"], r["pct_tensor_after"], choice[m]))
+            print(f"  {n}x{k} M={m}: " + ", ".join(f"{v} {[round(x, 1) for x in ts]}" for v, ts in t.items())
+                  + f" -> {choice[m]}", flush=True)
+        entry = {key: rng for key, want in zip(ROWS_KEYS, ("rows", "rows_split_n"))
+                 if (rng := _rows_range(choice, want))}
+        select[f"{n}x{k}"] = entry
+        print(f"  {n}x{k}: {entry or 'no rows range'}", flush=True)
+        del Ws
+        torch.cuda.empty_cache()
+    print("shape M current_us rows_us rows_split_n_us tensor_us pct_tensor_before pct_tensor_after choice")
+    for row in table:
+        print("  ".join("-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v) for v in row))
+    dev = torch.cuda.get_device_name()
+
+    def upd_select(cfg):
+        shapes_cfg = cfg.setdefault("block", {}).setdefault("shapes", {})
+        for key, entry in select.items():
+            old = {kk: v for kk, v in shapes_cfg.get(key, {}).items() if kk not in ROWS_KEYS}
+            if old or entry:
+                shapes_cfg[key] = {**old, **entry}
+        cfg["_rows_source"] = (
+            f"bench/kernels/fp8_tune.py rows_tune on {dev}, {time.strftime('%Y-%m-%d')}: cuBLAS block-wise GEMM on "
+            "e4m3 x, BlockWise1x128 x BlockWise128x128 (with the split table) vs the weight scales repeated per row "
+            f"(BlockWise1x128 x BlockWise1x128, +split_n), CUDA-graph replay over rotated weight copies, {passes} "
+            "rounds; a range where rows was fastest and >= 3% faster in every round"
+            + (", confirmed by a second run" if confirm else "") + " (fp8_rows_tune.json)")
+
+    if select:
+        _write_config("fp8_select", upd_select)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "fp8_rows_tune.json"), "w") as f:
+        json.dump({"rows": res, "select": select, "device": dev, "seconds": time.time() - t0}, f, indent=1)
+    print(f"rows_tune: {time.time() - t0:.0f} s", flush=True)
+    return select
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.kernels.fp8_tune")
-    parser.add_argument("what", choices=["sweep", "retime", "warm_bench", "split_tune"])
+    parser.add_argument("what", choices=["sweep", "retime", "warm_bench", "split_tune", "rows_tune"])
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--budget", type=float, default=140)
     parser.add_argument("--workers", type=int, default=12)
@@ -571,11 +685,14 @@ if __name__ == "__main__":
     parser.add_argument("--prev", default=None, help="retime: fp8_sweep.json of a split_k_sweep run")
     parser.add_argument("--config", default=None, help="retime: write the winners here (fp8_small_m.json)")
     parser.add_argument("--wait-for", default=None, help="start timing once this file exists")
+    parser.add_argument("--confirm", action="store_true", help="rows_tune: keep configured ranges that win again")
     a = parser.parse_args()
     if a.what == "sweep":
         split_k_sweep(a.out, a.budget, a.workers, old_module=a.old, wait_for=a.wait_for)
     elif a.what == "split_tune":
         split_tune(a.out, a.budget)
+    elif a.what == "rows_tune":
+        rows_tune(a.out, a.budget, confirm=a.confirm)
     elif a.what == "retime":
         retime(a.prev, a.out, a.config, a.budget, a.workers, wait_for=a.wait_for)
     else:

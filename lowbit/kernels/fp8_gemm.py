@@ -22,7 +22,10 @@ then per "NxK" shape under that granularity; measured by bench/kernels/fp8.py):
 | cublas_block | F.scaled_mm BlockWise1x128 x BlockWise128x128      | 128x128 blocks aligned to the fused rows, token_group 128, M >= 16, K % 512 == 0 |
 cublas_block may run as several cuBLAS calls on side streams (fork/join, captured by CUDA graphs as branches), per
 shape and M from fp8_select.json: split_k (K pieces into fp32 partials, summed: few output tiles at small M) and
-split_n (the rows past the last whole 128 beside the main call: 2112 = 16.5 x 128 rows leave a third wave at M = 2048).
+split_n (the rows past the last whole 128 beside the main call: 2112 = 16.5 x 128 rows leave a third wave at M = 2048);
+and rows: the same math as BlockWise1x128 x BlockWise1x128, each 128x128 block scale repeated on its 128 weight rows
+([N, K/128] column-major, made once per weight), which cuBLAS runs with other kernels (H100, 2112x7168 at M = 2048:
+61.4 vs 70.8 us; slower on 4096x7168 and 7168x16384), so it is chosen per shape and M range by measurement.
 small_m configs may carry a 6th element: programmatic dependent launch (fp8_small_m.py), where it measured faster.
 """
 
@@ -78,6 +81,7 @@ class Fp8Weights:
     block: tuple[int, int] | None = None
     counters: torch.Tensor | None = None  # [ceil(N/16) * 16] int32 zeros, split-K tickets (small_m resets them)
     grid_chunks: dict = field(default_factory=dict)  # (k0, k1) -> grid[:, k0/128:k1/128] contiguous (split cuBLAS)
+    rows_scales: dict = field(default_factory=dict)  # (n0, n1, k0, k1) -> [n1 - n0, (k1 - k0)/128] col-major (rows)
 
 
 def _device_ok(device) -> tuple[bool, str]:
@@ -145,6 +149,13 @@ def fp8_repack(weight: torch.Tensor, weight_scale: torch.Tensor, granularity: st
             for parts in set(splits.get("cublas_block_split_k", {}).values()):
                 for k0, k1 in _k_chunks(k, parts):
                     _grid_chunk(w, k0, k1)
+            _, _, rows_m, rows_n_m = _split_table(n, k)
+            for rng, split_n in ((rows_m, False), (rows_n_m, True)):  # the rows variant's scales, made once here
+                if rng[0] <= rng[1]:
+                    for parts in {1, *splits.get("cublas_block_split_k", {}).values()}:
+                        for n0, n1 in _n_pieces(n, split_n):
+                            for k0, k1 in _k_chunks(k, parts):
+                                _rows_scales(w, n0, n1, k0, k1)
     return w
 
 
@@ -178,20 +189,40 @@ def select_thresholds(w: Fp8Weights) -> dict:
     return sel
 
 
-def cublas_block_split(w: Fp8Weights, m: int) -> tuple[int, bool]:
-    """(split_k, split_n) of the cuBLAS block-wise call at M rows: configs/fp8_select.json block.shapes["NxK"]
-    "cublas_block_split_k" {"<max M>": pieces} (smallest bucket >= M; none above the largest) and
-    "cublas_block_split_n_min_m" (measured per shape; (1, False) elsewhere)."""
-    buckets, split_n_min_m = _split_table(w.n, w.k)
-    return next((s for b, s in buckets if m <= b), 1), m >= split_n_min_m
+def cublas_block_split(w: Fp8Weights, m: int) -> tuple[int, bool, bool]:
+    """(split_k, split_n, rows) of the cuBLAS block-wise call at M rows: configs/fp8_select.json block.shapes["NxK"]
+    "cublas_block_split_k" {"<max M>": pieces} (smallest bucket >= M; none above the largest),
+    "cublas_block_split_n_min_m", and the rows variant's M ranges "cublas_block_rows_m" / "cublas_block_rows_split_n_m"
+    [lo, hi] (inclusive, hi null: no bound; inside the second, rows with split_n; inside either, split_n only there).
+    Measured per shape; (1, False, False) elsewhere."""
+    buckets, split_n_min_m, rows_m, rows_n_m = _split_table(w.n, w.k)
+    split_k = next((s for b, s in buckets if m <= b), 1)
+    if rows_n_m[0] <= m <= rows_n_m[1]:
+        return split_k, True, True
+    if rows_m[0] <= m <= rows_m[1]:
+        return split_k, False, True
+    return split_k, m >= split_n_min_m, False
+
+
+def _m_range(key: str, value) -> tuple[int, int]:
+    """fp8_select.json [lo, hi] (hi null: unbounded) -> inclusive (lo, hi); absent -> an empty range."""
+    if value is None:
+        return 1, 0
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not isinstance(value[0], int) or not (
+            value[1] is None or isinstance(value[1], int)):
+        raise ValueError(f"fp8_select.json: {key} must be [lo, hi] M bounds (hi may be null), got {value!r}")
+    return value[0], (1 << 62) if value[1] is None else value[1]
 
 
 @functools.lru_cache(maxsize=None)
-def _split_table(n: int, k: int) -> tuple[tuple[tuple[int, int], ...], int]:
-    """((max M, split_k) sorted by M, split_n's min M) of one shape, parsed once (cublas_block_split runs per call)."""
+def _split_table(n: int, k: int) -> tuple[tuple[tuple[int, int], ...], int, tuple[int, int], tuple[int, int]]:
+    """((max M, split_k) sorted by M, split_n's min M, rows M range, rows + split_n M range) of one shape, parsed once
+    (cublas_block_split runs per call)."""
     entry = load_config("fp8_select").get("block", {}).get("shapes", {}).get(f"{n}x{k}", {})
     buckets = tuple(sorted((int(b), s) for b, s in entry.get("cublas_block_split_k", {}).items()))
-    return buckets, entry.get("cublas_block_split_n_min_m", 1 << 62)
+    return (buckets, entry.get("cublas_block_split_n_min_m", 1 << 62),
+            _m_range("cublas_block_rows_m", entry.get("cublas_block_rows_m")),
+            _m_range("cublas_block_rows_split_n_m", entry.get("cublas_block_rows_split_n_m")))
 
 
 def pick_candidate(w: Fp8Weights, act: str, m: int, out_dtype=torch.bfloat16) -> str:
@@ -317,12 +348,14 @@ def _cublas(xq, xs, w: Fp8Weights, act, bias, out_dtype):
     return y
 
 
-def _block_mm(xq, xs, wq, grid, out_dtype, out=None):
-    """cuBLAS block-wise GEMM: xq [M, K] e4m3 with xs [M, K/128] (column-major), wq [N, K] with grid [N/128, K/128].
+def _block_mm(xq, xs, wq, wscale, out_dtype, out=None, rows=False):
+    """cuBLAS block-wise GEMM: xq [M, K] e4m3 with xs [M, K/128] (column-major), wq [N, K] with wscale the grid
+    [N/128, K/128] (BlockWise128x128) or, rows, [N, K/128] column-major (BlockWise1x128: _rows_scales).
     out: a [M, N] view with unit column stride (a column slice of a wider y: cuBLAS writes with its row stride)."""
     F = torch.nn.functional
-    args = (xq, wq.t(), [xs], [F.ScalingType.BlockWise1x128.value], [], [grid.t()],
-            [F.ScalingType.BlockWise128x128.value], [], None, out_dtype, [], False)
+    recipe = F.ScalingType.BlockWise1x128 if rows else F.ScalingType.BlockWise128x128
+    args = (xq, wq.t(), [xs], [F.ScalingType.BlockWise1x128.value], [], [wscale if rows else wscale.t()],
+            [recipe.value], [], None, out_dtype, [], False)
     if out is None:
         return torch.ops.aten._scaled_mm_v2(*args)
     return torch.ops.aten._scaled_mm_v2.out(*args, out=out)
@@ -358,10 +391,33 @@ def _grid_chunk(w: Fp8Weights, k0: int, k1: int) -> torch.Tensor:
     return g
 
 
-def _cublas_block(xq, xs, w: Fp8Weights, bias, out_dtype, split_k: int = 1, split_n: bool = False):
+def _rows_scales(w: Fp8Weights, n0: int, n1: int, k0: int, k1: int) -> torch.Tensor:
+    """Weight rows [n0, n1) (n0 % 128 == 0), K piece [k0, k1): [n1 - n0, (k1 - k0) / 128] fp32 with strides
+    (1, n1 - n0), each 128x128 block's scale repeated on its 128 rows (cuBLAS BlockWise1x128 for the weight, the
+    layout of w4a8._scales_f32); kept on the weight unless made during a CUDA graph capture, as _grid_chunk."""
+    s = w.rows_scales.get((n0, n1, k0, k1))
+    if s is None:
+        assert n0 % 128 == 0 and w.cublas_grid, (n0, w.cublas_grid)  # grid row of weight row r is r // 128
+        g = w.grid[n0 // 128:-(-n1 // 128), k0 // 128:k1 // 128]  # [blocks, K piece / 128]
+        s = g.t().repeat_interleave(128, 1)[:, :n1 - n0].contiguous().t()
+        if not (s.is_cuda and torch.cuda.is_current_stream_capturing()):
+            w.rows_scales[(n0, n1, k0, k1)] = s
+    return s
+
+
+def _n_pieces(n: int, split_n: bool) -> list[tuple[int, int]]:
+    """Weight row ranges: all N, or with split_n the whole 128-row blocks and the rows past them."""
+    n_main = n // 128 * 128 if split_n and n % 128 and n > 128 else n
+    return [(0, n)] if n_main == n else [(0, n_main), (n_main, n)]
+
+
+def _cublas_block(xq, xs, w: Fp8Weights, bias, out_dtype, split_k: int = 1, split_n: bool = False,
+                  rows: bool = False):
     """split_k > 1: K in split_k pieces, each a cuBLAS call on its own stream into an fp32 partial, summed after (few
     output tiles at small M: 2112x7168 has 17 at M <= 128 on 132 SMs). split_n: N past the last whole 128 rows runs
-    on a side stream beside the main call (2112 = 16.5 x 128 at M = 2048 is 272 tiles: 3 waves where the area is 2)."""
+    on a side stream beside the main call (2112 = 16.5 x 128 at M = 2048 is 272 tiles: 3 waves where the area is 2);
+    with split_k > 1 it is not applied (the K pieces already fill the GPU where split_k was measured faster). rows:
+    the weight scales one per row per 128 columns (_rows_scales), BlockWise1x128 x BlockWise1x128, with either split."""
     if not _cublas_block_ok(w, "token_group", xq.shape[0]):
         raise ValueError(f"fp8_linear: cuBLAS block scaling cannot run N={w.n}, K={w.k}, M={xq.shape[0]}, "
                          f"block {w.block} (needs 128x128 blocks on 128-row boundaries, K % 512 == 0, M >= 16)")
@@ -369,25 +425,32 @@ def _cublas_block(xq, xs, w: Fp8Weights, bias, out_dtype, split_k: int = 1, spli
         xs = xs.t().contiguous().t()
     m, dev = xq.shape[0], xq.device
     chunks = _k_chunks(w.k, split_k)
-    n_main = w.n // 128 * 128 if split_n and w.n % 128 and w.n > 128 else w.n
-    if len(chunks) == 1 and n_main == w.n:
-        y = _block_mm(xq, xs, w.weight, w.grid, out_dtype)
+    pieces = _n_pieces(w.n, split_n) if len(chunks) == 1 else [(0, w.n)]
+
+    def scales(n0, n1, k0, k1):
+        if rows:
+            return _rows_scales(w, n0, n1, k0, k1)
+        return w.grid[n0 // 128:-(-n1 // 128)] if (k0, k1) == (0, w.k) else _grid_chunk(w, k0, k1)  # split_k: all N
+
+    if len(chunks) == 1 and len(pieces) == 1:
+        y = _block_mm(xq, xs, w.weight, scales(0, w.n, 0, w.k), out_dtype, rows=rows)
         return y if bias is None else y.add_(bias)
     main = torch.cuda.current_stream(dev)
-    side = side_streams(dev, len(chunks) - 1 + (n_main < w.n))
+    side = side_streams(dev, len(chunks) - 1 + len(pieces) - 1)
     for st in side:
         st.wait_stream(main)
     if len(chunks) > 1:
         part = torch.empty((len(chunks), m, w.n), dtype=torch.float32, device=dev)
         for i, (k0, k1) in enumerate(chunks):
             with torch.cuda.stream(side[i - 1] if i else main):
-                _block_mm(xq[:, k0:k1], xs[:, k0 // 128:k1 // 128], w.weight[:, k0:k1], _grid_chunk(w, k0, k1),
-                          torch.float32, out=part[i])
+                _block_mm(xq[:, k0:k1], xs[:, k0 // 128:k1 // 128], w.weight[:, k0:k1], scales(0, w.n, k0, k1),
+                          torch.float32, out=part[i], rows=rows)
     else:
         y = torch.empty((m, w.n), dtype=out_dtype, device=dev)
-        _block_mm(xq, xs, w.weight[:n_main], w.grid[:n_main // 128], out_dtype, out=y[:, :n_main])
+        (n0, n1), (n2, n3) = pieces
+        _block_mm(xq, xs, w.weight[n0:n1], scales(n0, n1, 0, w.k), out_dtype, out=y[:, n0:n1], rows=rows)
         with torch.cuda.stream(side[-1]):
-            _block_mm(xq, xs, w.weight[n_main:], w.grid[n_main // 128:], out_dtype, out=y[:, n_main:])
+            _block_mm(xq, xs, w.weight[n2:n3], scales(n2, n3, 0, w.k), out_dtype, out=y[:, n2:n3], rows=rows)
     for st in side:
         main.wait_stream(st)
     if len(chunks) > 1:

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from lowbit.kernels import fp8_small_m
+from lowbit.kernels import fp8_gemm, fp8_small_m
 from lowbit.kernels import reference as ref
-from lowbit.kernels.fp8_gemm import (_cublas_block, _k_chunks, cublas_block_split, fp8_can_implement, fp8_linear,
-                                     fp8_repack, pick_candidate)
+from lowbit.kernels.fp8_gemm import (_cublas_block, _k_chunks, _rows_scales, cublas_block_split, fp8_can_implement,
+                                     fp8_linear, fp8_repack, pick_candidate)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = (128, 128)
@@ -233,7 +233,44 @@ def test_k_chunks_and_split_config():
     assert _k_chunks(1536, 4) == [(0, 512), (512, 1024), (1024, 1536)]  # at most K / 512 pieces
     assert _k_chunks(7168, 1) == [(0, 7168)]
     W = fp8_repack(*_weights(64, 256, "block", [64]), "block", [64], BLOCK)
-    assert cublas_block_split(W, 256) == (1, False)  # shapes without a measured entry: one call
+    assert cublas_block_split(W, 256) == (1, False, False)  # shapes without a measured entry: one call
+
+
+def test_cublas_block_rows_config_range(monkeypatch):
+    """The rows variant exactly inside its configured M ranges (inclusive; null: no upper bound), split_n only in the
+    rows + split_n range there; split_k from its buckets either way; the table parsed once per shape."""
+    entry = {"cublas_block_split_k": {"64": 4, "256": 2}, "cublas_block_split_n_min_m": 4096,
+             "cublas_block_rows_m": [200, 1024], "cublas_block_rows_split_n_m": [2048, None]}
+    cfg = {"block": {"shapes": {"192x512": entry, "320x512": {"cublas_block_rows_m": [300, 300]}}}}
+    monkeypatch.setattr(fp8_gemm, "load_config", lambda name: cfg if name == "fp8_select" else {})
+    fp8_gemm._split_table.cache_clear()
+    try:
+        W = fp8_repack(*_weights(192, 512, "block", [192]), "block", [192], BLOCK)
+        assert W.rows_scales  # made once at load for the configured ranges
+        expect = {64: (4, False, False), 199: (2, False, False), 200: (2, False, True), 256: (2, False, True),
+                  1024: (1, False, True), 1025: (1, False, False), 2047: (1, False, False), 2048: (1, True, True),
+                  1 << 20: (1, True, True)}
+        assert {m: cublas_block_split(W, m) for m in expect} == expect
+        W2 = fp8_repack(*_weights(320, 512, "block", [320]), "block", [320], BLOCK)
+        assert [cublas_block_split(W2, m)[2] for m in (299, 300, 301)] == [False, True, False]
+        cfg["block"]["shapes"]["192x512"] = {"cublas_block_rows_m": [200]}
+        fp8_gemm._split_table.cache_clear()
+        with pytest.raises(ValueError, match="cublas_block_rows_m"):
+            cublas_block_split(W, 256)
+    finally:
+        fp8_gemm._split_table.cache_clear()
+
+
+def test_rows_scales_layout():
+    """One scale per weight row per 128 columns (its block's), column-major per row slice and K piece, cached."""
+    n, k, shards = 320, 1024, [256, 64]
+    W = fp8_repack(*_weights(n, k, "block", shards), "block", shards, BLOCK)
+    per_row = W.grid[W.grid_rows.long()]  # [N, K/128]
+    for n0, n1, k0, k1 in [(0, n, 0, k), (0, 256, 0, k), (256, n, 0, k), (0, n, 512, 1024)]:
+        s = _rows_scales(W, n0, n1, k0, k1)
+        assert s.shape == (n1 - n0, (k1 - k0) // 128) and s.stride() == (1, n1 - n0)
+        assert torch.equal(s, per_row[n0:n1, k0 // 128:k1 // 128])
+        assert _rows_scales(W, n0, n1, k0, k1) is s
 
 
 def test_pick_candidate_by_m():
@@ -322,6 +359,64 @@ def test_gpu_cublas_block_splits(m, split_k, split_n):
     graph.replay()
     torch.cuda.synchronize()
     _check(yg, ref.fp8_gemm_ref(xq, xs, "token_group", wd, torch.float32, b.float()), k, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,shards", [(2112, [1536, 576]), (4096, [4096])], ids=["2112", "4096"])
+@pytest.mark.parametrize("m,split_k,split_n,bias", [(2048, 1, False, False), (300, 1, True, True),
+                                                    (256, 2, False, True), (64, 4, False, False)])
+def test_gpu_cublas_block_rows(n, shards, m, split_k, split_n, bias):
+    """rows (BlockWise1x128 weight scales, one per row per 128 columns) is the 128x128 call's math: both against the
+    reference, N a multiple of 128 and not, with split_n / split_k and bias; then replayed from a CUDA graph captured
+    on a fresh weight (its scales made inside the capture, not cached) with new inputs."""
+    from lowbit.kernels.quant_act import quantize_fp8
+
+    k = 7168
+    w, s = _weights(n, k, "block", shards, "cuda")
+    W = fp8_repack(w, s, "block", shards, BLOCK)
+    b = torch.randn(n, device="cuda").to(torch.bfloat16) if bias else None
+    wd = ref.dequantize_fp8(w, s, "block", shards, BLOCK)
+    x = _x(m, k, torch.bfloat16, "cuda")
+    xq, xs = quantize_fp8(x, "token_group", column_major_scales=True)
+    y_ref = ref.fp8_gemm_ref(xq, xs, "token_group", wd, torch.float32, b.float() if bias else None)
+    y128 = _cublas_block(xq, xs, W, b, torch.bfloat16, split_k, split_n)
+    y = _cublas_block(xq, xs, W, b, torch.bfloat16, split_k, split_n, rows=True)
+    _check(y128, y_ref, k, torch.bfloat16, "128x128")
+    _check(y, y_ref, k, torch.bfloat16, "rows")
+    _check(y, y128.float(), k, torch.bfloat16, "rows vs 128x128")
+    assert W.rows_scales
+    W2 = fp8_repack(w, s, "block", shards, BLOCK)
+    W2.rows_scales.clear()  # (fp8_repack makes them where fp8_select.json configures rows for this shape)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = _cublas_block(xq, xs, W2, b, torch.bfloat16, split_k, split_n, rows=True)
+    assert not W2.rows_scales
+    xq2, xs2 = quantize_fp8(_x(m, k, torch.bfloat16, "cuda", seed=5), "token_group", column_major_scales=True)
+    xq.copy_(xq2)
+    xs.copy_(xs2)
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(yg, ref.fp8_gemm_ref(xq, xs, "token_group", wd, torch.float32, b.float() if bias else None), k,
+           torch.bfloat16, "rows graph")
+
+
+@pytest.mark.gpu
+def test_gpu_selection_runs_rows(monkeypatch):
+    """fp8_linear's own choice inside a configured rows range: cuBLAS block-wise with rows (+ split_n), from bf16 x."""
+    n, k, shards, m = 2112, 7168, [1536, 576], 1024
+    cfg = {"block": {"shapes": {f"{n}x{k}": {"cublas_block_min_m": 129, "cublas_block_rows_split_n_m": [512, 2048]}}}}
+    monkeypatch.setattr(fp8_gemm, "load_config", lambda name: cfg if name == "fp8_select" else {})
+    fp8_gemm._split_table.cache_clear()
+    try:
+        w, s = _weights(n, k, "block", shards, "cuda")
+        W = fp8_repack(w, s, "block", shards, BLOCK)
+        assert pick_candidate(W, "token_group", m) == "cublas_block" and cublas_block_split(W, m) == (1, True, True)
+        assert set(W.rows_scales) == {(0, 2048, 0, k), (2048, n, 0, k)}  # made at load
+        x = _x(m, k, torch.bfloat16, "cuda")
+        _check(fp8_linear(x, W, "token_group"), _expected(x, w, s, "block", shards, "token_group", torch.bfloat16), k,
+               torch.bfloat16, "selected rows")
+    finally:
+        fp8_gemm._split_table.cache_clear()
 
 
 @pytest.mark.gpu
