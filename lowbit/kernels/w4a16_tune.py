@@ -2,7 +2,7 @@
 
 A config is a dict:
   {"path": "fused", "BLOCK_N", "BLOCK_M", "SPLIT_K", "SCALE_AFTER", "num_warps", "num_stages"[, "GROUP_M"]},
-  {"path": "wgmma", "BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "GROUP_M", "RS"[, "SPLIT_K"]} (sm90,
+  {"path": "wgmma", "BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "GROUP_M", "RS"[, "SPLIT_K", "TAIL_SPLIT"]} (sm90,
   w4a16_wgmma.py), {"path": "tma", "BLOCK_N", "BLOCK_M", "SWAP", "num_warps", "num_stages", "GROUP_M"} (w4a16_tma.py),
   or {"path": "dequant"[, "chunks", "overlap"]} (dequantize to x.dtype, then cuBLAS; see w4a16_dequant.py).
 Lookup for (weights, M): the weights' own cache -> configs/w4a16_<gpu>.json (checked in; written by
@@ -108,7 +108,7 @@ def heuristic(w, m: int, device) -> dict:
         tiles = -(-w.n // 128) * -(-m // block_m)  # one CTA per SM: split K only up to about one wave
         split = max(1, min(4, w.k_pad // w.block_k, num_sms(device) // max(tiles, 1)))
         return {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": block_m, "num_warps": 8, "GROUP_M": 8, "RS": True,
-                "num_stages": 4 if block_m == 128 else 3, "SPLIT_K": split}
+                "num_stages": 4 if block_m == 128 else 3, "SPLIT_K": split, "TAIL_SPLIT": True}
     tiles = -(-w.n // 128) * -(-m // 128)
     split = _split_for(w, tiles, device, cap=4) if tiles < num_sms(device) else 1
     return {"path": "fused", "BLOCK_N": 128, "BLOCK_M": 128, "SPLIT_K": split, "SCALE_AFTER": False,
@@ -196,6 +196,8 @@ def candidates(w, m: int, device) -> list[dict]:
                                 and num_kb >= 3 * s]:
                 out.append({"path": "wgmma", "BLOCK_N": bn, "BLOCK_M": bm, "num_warps": bn // 16, "num_stages": st,
                             "GROUP_M": 8, "RS": True, "SPLIT_K": split})
+            if tiles > resident:  # (no split-K above) the last partial wave's tiles split over K: w4a16_wgmma.tail_split
+                out.append(dict(out[-1], TAIL_SPLIT=True))
         out.append({"path": "tma", "BLOCK_N": 128, "BLOCK_M": 128, "SWAP": True, "num_warps": 8, "num_stages": 3,
                     "GROUP_M": 8})
     return out

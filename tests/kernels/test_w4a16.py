@@ -342,6 +342,63 @@ def test_gpu_wgmma_split_k_and_one_warpgroup_tiles(dtype, m, n, k, g, sym, act, 
         assert int(w.locks.abs().sum()) == 0
 
 
+TAIL_CONFIGS = [  # whole tiles plus a split last wave; TAIL_SLOTS stands in for the SM count so small shapes split
+    {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 64, "num_warps": 8, "num_stages": 4, "RS": True, "TAIL_SPLIT": True,
+     "TAIL_SLOTS": 3},
+    {"path": "wgmma", "BLOCK_N": 64, "BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "RS": True, "TAIL_SPLIT": True,
+     "TAIL_SLOTS": 6},
+    {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 256, "num_warps": 8, "num_stages": 3, "RS": True, "TAIL_SPLIT": True,
+     "TAIL_SLOTS": 3},
+]
+
+
+def test_tail_split_plan():
+    """The last partial wave's tiles are split over K to fill it; full waves, SPLIT_K and tiny K are left alone."""
+    from lowbit.kernels.w4a16_wgmma import tail_split
+
+    big = {"BLOCK_N": 128, "BLOCK_M": 256, "TAIL_SPLIT": True, "TAIL_SLOTS": 132}
+    assert tail_split(800, 40, big, "cpu") == (792, 10)  # 8 tiles left: 16 would fill the wave, K allows 10
+    assert tail_split(800, 200, big, "cpu") == (792, 16)  # capped at TAIL_MAX = 16
+    assert tail_split(792, 40, big, "cpu") == (792, 1)  # whole waves
+    assert tail_split(100, 40, big, "cpu") == (100, 1)  # less than a wave: SPLIT_K's business
+    assert tail_split(200, 40, big, "cpu") == (200, 1)  # 68 left: two pieces each would not fit one wave
+    assert tail_split(170, 40, big, "cpu") == (132, 3)  # 38 left: 3 pieces each (114 CTAs) fill a third of a tile
+    assert tail_split(800, 7, big, "cpu") == (800, 1)  # 7 K-blocks: under two splits of TAIL_MIN_KB
+    assert tail_split(800, 40, dict(big, TAIL_SPLIT=False), "cpu") == (800, 1)
+    assert tail_split(800, 40, dict(big, SPLIT_K=3), "cpu") == (0, 3)  # plain split-K: every tile
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_wgmma_tail_split(dtype):
+    """Whole tiles and K-split tail tiles in one launch: equal to the reference, deterministic, counters back at zero,
+    and the same in CUDA-graph replays (odd N, K with a ragged last split, zeros + bias)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel is an sm90 path")
+    from lowbit.kernels.w4a16_wgmma import tail_split
+
+    m, n, k = 300, 1000, 1152
+    qw, s, z, gi, g = make(n, k, 128, False, False)
+    w = w4a16_repack(qw, s, z, gi, 4, g, k)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    for cfg in TAIL_CONFIGS:
+        tiles = -(-n // cfg["BLOCK_N"]) * -(-m // cfg["BLOCK_M"])
+        full, split = tail_split(tiles, w.k_pad // w.block_k, cfg, "cuda")
+        assert 0 < full < tiles and split > 1, (cfg, tiles, full, split)
+        y0 = check(x, qw, s, z, gi, 4, g, b, cfg, w=w)
+        for _ in range(3):
+            assert torch.equal(w4a16_gemm(x, w, b, config=cfg), y0)
+        assert int(w.locks.abs().sum()) == 0
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = w4a16_gemm(x, w, b, config=cfg)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, y0)
+        assert int(w.locks.abs().sum()) == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", SPLIT_CONFIGS)
 def test_gpu_wgmma_split_k_is_deterministic(cfg):
