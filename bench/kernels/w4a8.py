@@ -12,6 +12,7 @@ per shape. Columns:
   fused_us / dequant_cublas_us   candidates forced where the selection switches (M > 16), for w4a8_select.json
   dequant_us / dequant_cublas_us   the large-M candidates forced (M >= 128)
   pre_us / pre_static_us   token_group / static with x quantized first (candidate fused_pre), M <= 64
+  w16_us / w16_static_us   token_group / static, x fake-quantized then lowbit's w4a16 GEMM (candidate w16), M >= 16
   bf16_us, cublas_fp8_us         peers (torch.nn.functional.linear; torch._scaled_mm tensor-wise)
 """
 
@@ -66,6 +67,10 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
             r["pre_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "token_group", candidate="fused_pre") for w in ws])
             r["pre_static_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="fused_pre")
                                           for w in ws])
+        if m >= 16:  # fake-quantized x + the w4a16 GEMM (w4a8_select.json w16)
+            r["w16_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "token_group", candidate="w16") for w in ws])
+            r["w16_static_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="w16")
+                                          for w in ws])
         if m in (1, 16):
             r["rcp_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(
                 x, w.w16, "static", static, config=dict(fp8act_config(w.w16, m, x.device), exact=False)) for w in ws])
@@ -101,7 +106,8 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
               f"w4a16 {r['w4a16_us']} us, rcp {r.get('rcp_us')}, bf16 {r['bf16_us']}, fp8 cuBLAS {r['cublas_fp8_us']}"
               f", wide {r.get('wide_us')} / {r.get('wide_static_us')}, no row skip {r.get('nopad_static_us')}, forced "
               f"fused {r.get('fused_us')} dequant_cublas {r.get('dequant_cublas_us')} dequant {r.get('dequant_us')} "
-              f"pre {r.get('pre_us')} / static {r.get('pre_static_us')}", flush=True)
+              f"pre {r.get('pre_us')} / static {r.get('pre_static_us')}, w16 {r.get('w16_us')} / static "
+              f"{r.get('w16_static_us')}", flush=True)
     del ws, bf16, w8
     torch.cuda.empty_cache()
     return rows
@@ -109,13 +115,13 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
 
 COLUMNS = ["shape", "M", "cand", "cfg", "us", "static_us", "w4a16_us", "x_w4a16", "x_w4a16_static", "rcp_us",
            "wide_us", "wide_static_us", "nopad_static_us", "pct_hbm", "bf16_us", "x_bf16", "cublas_fp8_us", "fused_us",
-           "dequant_cublas_us", "dequant_us", "pre_us", "pre_static_us"]
+           "dequant_cublas_us", "dequant_us", "pre_us", "pre_static_us", "w16_us", "w16_static_us"]
 
 
 def main(args) -> None:
     roof = rooflines()
     print(f"rooflines: {roof}")
-    ms = M_QUICK if args.quick else M_ALL
+    ms = [int(v) for v in args.ms.split(",")] if getattr(args, "ms", None) else M_QUICK if args.quick else M_ALL
     shapes = QUICK_SHAPES if args.quick else [s for v in SHAPES.values() for s in v]
     names = {s: f"{fam}:{s[0]}x{s[1]}" for fam, v in SHAPES.items() for s in v}
     rows = []

@@ -112,12 +112,26 @@ def _load_act(ptrs, mask, half, SILU: tl.constexpr):
 
 
 @triton.jit
+def _out(q, s, y_ptr, DEQ: tl.constexpr, SOFT: tl.constexpr):
+    """The stored value: the e4m3 code, or (DEQ) its value q * s rounded to y's dtype (fake quantization)."""
+    if DEQ:  # (one return: compiled Triton checks both branches' return types, pruned or not)
+        v = q.to(tl.float32) * s
+        if SOFT and y_ptr.dtype.element_ty == tl.bfloat16:  # the interpreter truncates to bf16: round to even here
+            u = v.to(tl.int32, bitcast=True)
+            v = ((u + 0x7FFF + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        out = v.to(y_ptr.dtype.element_ty)
+    else:
+        out = q
+    return out
+
+
+@triton.jit
 def quant_fp8_rows_kernel(
     x_ptr, y_ptr, s_ptr, amax_ptr,  # x [M, K or 2K], y [M, K] e4m3, s: [1] (static) / [M] (token, out) / [1] (dyn, out)
     M, K, stride_xm, stride_xk, stride_ym, stride_sm,
     MODE: tl.constexpr,  # 0 static scale, 1 tensor_dynamic (scale from the global amax), 2 token
     SILU: tl.constexpr, SINGLE: tl.constexpr, SOFT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,7 +152,8 @@ def quant_fp8_rows_kernel(
         if MODE == 2:
             s = fp8_scale(tl.max(tl.abs(h), axis=1), False)  # [BLOCK_M]
             tl.store(s_ptr + offs_m * stride_sm, s, mask=mask_m)
-        tl.store(y_rows + offs_k[None, :], quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT), mask=mask)
+        tl.store(y_rows + offs_k[None, :], _out(quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT), s[:, None],
+                                               y_ptr, DEQ, SOFT), mask=mask)
     else:
         if MODE == 2:  # pass 1: amax of each row
             amax = tl.zeros([BLOCK_M], tl.float32)
@@ -151,7 +166,8 @@ def quant_fp8_rows_kernel(
         for k0 in range(0, K, BLOCK_K):
             mask = mask_m[:, None] & (k0 + offs_k[None, :] < K)
             h = _load_act(x_rows + (k0 + offs_k[None, :]) * stride_xk, mask, half, SILU)
-            tl.store(y_rows + k0 + offs_k[None, :], quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT), mask=mask)
+            tl.store(y_rows + k0 + offs_k[None, :],
+                     _out(quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT), s[:, None], y_ptr, DEQ, SOFT), mask=mask)
 
 
 @triton.jit
@@ -159,7 +175,7 @@ def quant_fp8_groups_kernel(
     x_ptr, y_ptr, s_ptr,  # x [M, K or 2K], y [M, K] e4m3, s [M, ceil(K/G)] with strides (stride_sm, stride_sg)
     M, K, stride_xm, stride_xk, stride_ym, stride_sm, stride_sg,
     G: tl.constexpr, UE8M0: tl.constexpr, SILU: tl.constexpr, SOFT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, DEQ: tl.constexpr = False,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -170,7 +186,8 @@ def quant_fp8_groups_kernel(
     s = fp8_scale(tl.max(tl.abs(h), axis=2), UE8M0)  # [BM, BG]
     s_mask = (offs_m[:, None] < M) & (offs_g[None, :] * G < K)
     tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_g[None, :] * stride_sg, s, mask=s_mask)
-    tl.store(y_ptr + rows * stride_ym + offs_k, quantize_tile(tl.where(mask, h, 1.0), s[:, :, None], SOFT), mask=mask)
+    tl.store(y_ptr + rows * stride_ym + offs_k,
+             _out(quantize_tile(tl.where(mask, h, 1.0), s[:, :, None], SOFT), s[:, :, None], y_ptr, DEQ, SOFT), mask=mask)
 
 
 @triton.jit
@@ -201,9 +218,9 @@ def _check(x: torch.Tensor, granularity: str, scale, group_size: int, what: str)
         raise ValueError(f"{what}: group_size {group_size} is not supported; supported: powers of two >= 16")
 
 
-def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, silu):
+def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, silu, deq=False):
     m = x.shape[0]
-    y = torch.empty((m, k), dtype=FP8, device=x.device)
+    y = torch.empty((m, k), dtype=x.dtype if deq else FP8, device=x.device)
     soft = soft_cast()
     if granularity == "token_group":
         ng = math.ceil(k / group_size)
@@ -216,7 +233,7 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
         grid = (triton.cdiv(m, block_m), triton.cdiv(ng, block_g))
         quant_fp8_groups_kernel[grid](x, y, s, m, k, x.stride(0), x.stride(1), y.stride(0), s.stride(0), s.stride(1),
                                       G=group_size, UE8M0=ue8m0, SILU=silu, SOFT=soft, BLOCK_M=block_m,
-                                      BLOCK_G=block_g, num_warps=4)
+                                      BLOCK_G=block_g, DEQ=deq, num_warps=4)
         return y, s
     single = k <= ROWS_MAX_SINGLE_K
     block_k = max(16, triton.next_power_of_2(k)) if single else ROWS_BLOCK_K_LOOP
@@ -242,7 +259,7 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
     quant_fp8_rows_kernel[(triton.cdiv(m, block_m),)](
         x, y, s_out, amax if amax is not None else s_out, m, k, x.stride(0), x.stride(1), y.stride(0),
         s_out.stride(0) if mode == 2 else 0, MODE=mode, SILU=silu, SINGLE=single, SOFT=soft,
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
+        BLOCK_M=block_m, BLOCK_K=block_k, DEQ=deq, num_warps=num_warps)
     return y, s_out
 
 
@@ -251,6 +268,14 @@ def quantize_fp8(x: torch.Tensor, granularity: str, scale: torch.Tensor | None =
     """x [M, K] -> (xq [M, K] e4m3, scale); the contract of reference.quantize_fp8_ref (ue8m0: token_group only)."""
     _check(x, granularity, scale, group_size, "quantize_fp8")
     return _quantize(x, x.shape[1], granularity, scale, group_size, ue8m0, column_major_scales, silu=False)
+
+
+def fake_quantize_fp8(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = None, group_size: int = 128,
+                      ue8m0: bool = False) -> torch.Tensor:
+    """x [M, K] -> the values quantize_fp8 stands for, xq * scale, rounded to x.dtype, in one pass (a GEMM on 16-bit
+    operands then computes the fp8-activation product, w4a8.py's "w16" candidate)."""
+    _check(x, granularity, scale, group_size, "fake_quantize_fp8")
+    return _quantize(x, x.shape[1], granularity, scale, group_size, ue8m0, False, silu=False, deq=True)[0]
 
 
 def silu_mul_quantize_fp8(x_gate_up: torch.Tensor, granularity: str, scale: torch.Tensor | None = None,

@@ -22,6 +22,10 @@ Candidates (`pick_candidate`; M thresholds in configs/w4a8_select.json, measured
 |                | BlockWise1x128 x BlockWise1x128 (K % 128 == 0, N % 16 == 0, M >= 16); per-tensor /     |
 |                | per-token activation scales enter as constant 1 x 128 block scales (the same math)      |
 | dequant        | the same scratch, then the Triton fp8 block GEMM with 1 x 128 weight scales (fallback)  |
+| w16            | x fake-quantized in one pass (quant_act.fake_quantize_fp8: xq * sx rounded to x.dtype), |
+|                | then w4a16_gemm on the same int4 weights (its tuned decode / wgmma / dequant paths):    |
+|                | 16-bit MMAs on the fp8 values; 16-bit x and output only. Per shape and activation       |
+|                | granularity in the M range w16[NxK][granularity] measured (else w16_default)           |
 Tried for large M and not kept (H100, CUDA-graph replay, token_group x, 2026-11-26): a Triton 3.6 GEMM that turns
 each int4 weight tile into e4m3 in registers (shift/mask, int -> fp16 -> e4m3) and feeds fp8 wgmma, with the
 tile through shared memory or as the MMA's register operand (swap AB), tiles 64..256: 7168x16384 at M = 2048 took
@@ -42,17 +46,18 @@ import triton.language as tl
 
 from lowbit.kernels import fp8_block
 from lowbit.kernels.fp8_gemm import _device_ok, load_config
-from lowbit.kernels.quant_act import GRANULARITIES, quantize_fp8
-from lowbit.kernels.w4a16 import W4A16Weights, w4a16_repack
+from lowbit.kernels.quant_act import GRANULARITIES, fake_quantize_fp8, quantize_fp8
+from lowbit.kernels.w4a16 import W4A16Weights, w4a16_gemm, w4a16_repack
 from lowbit.kernels.w4a16_fp8act import FP8_ACT_MAX_M, fp8act_config, w4a16_gemm_fp8act
 
 GROUP_SIZE = 128
-CANDIDATES = ("fused", "fused_pre", "dequant", "dequant_cublas")
+CANDIDATES = ("fused", "fused_pre", "dequant", "dequant_cublas", "w16")
 _DEFAULT_SELECT = {"fused_max_m": 16, "dequant_cublas_min_m": 17, "fused_wide_min_m": 65, "fused_row_skip": True,
-                   "fused_pre": {}}
+                   "fused_pre": {}, "w16": {}, "w16_default": None}
 WIDE_BLOCK_N = 128  # fused from M = fused_wide_min_m: 128-row weight tiles (half the in-kernel x quantization)
 CUBLAS_MIN_M = 16  # as fp8_gemm.CUBLAS_BLOCK_MIN_M (1 x 128 x 1 x 128 probed at M = 16, 32, 64, 128)
 _FUSED_MODES = {"tensor_static": "static", "token_group": "token_group"}  # quantized in-kernel
+W16_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -131,8 +136,12 @@ def fused_config(w: W4A8Weights, m: int, device) -> dict:
     return dict(cfg, row_pad=bool(sel["fused_row_skip"]))
 
 
-def pick_candidate(w: W4A8Weights, m: int, act: str = "token_group") -> str:
+def pick_candidate(w: W4A8Weights, m: int, act: str = "token_group", out16: bool = True) -> str:
+    """out16: x and the output are the same 16-bit dtype (what the w16 candidate needs)."""
     sel = _select()
+    lo, hi = sel["w16"].get(f"{w.n}x{w.k}", {}).get(act, sel["w16_default"] or (0, -1))  # measured, else default
+    if w.w16.qweight.is_cuda and out16 and lo <= m <= hi:  # (measured against every other pick, fused_pre too)
+        return "w16"
     lo, hi = sel["fused_pre"].get(f"{w.n}x{w.k}", {}).get(act, (0, -1))  # measured M range of this shape, if any
     if w.w16.qweight.is_cuda and lo <= m <= min(hi, FP8_ACT_MAX_M):
         return "fused_pre"
@@ -178,7 +187,9 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     m = x2.shape[0]
-    cand = candidate or pick_candidate(w, m, act_granularity)
+    out16 = x.dtype in W16_DTYPES and out_dtype == x.dtype and (pre_quant_scale is None
+                                                                or pre_quant_scale.dtype == x.dtype)
+    cand = candidate or pick_candidate(w, m, act_granularity, out16)
     if cand not in CANDIDATES:
         raise ValueError(f"w4a8_linear: candidate {cand!r} is not supported; supported: {CANDIDATES}")
     in_kernel = cand == "fused" and act_granularity in _FUSED_MODES
@@ -189,6 +200,12 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
         y = w4a16_gemm_fp8act(x2, w.w16, _FUSED_MODES[act_granularity], scale, bias, out_dtype, pre_quant_scale,
                               ue8m0, fused_config(w, m, x.device))
         return y.reshape(*lead, w.n)
+    if cand == "w16":
+        if not out16:
+            raise ValueError(f"w4a8_linear: candidate 'w16' needs 16-bit x and output of one dtype and a "
+                             f"pre_quant_scale of that dtype; got x {x.dtype}, out {out_dtype}")
+        xf = fake_quantize_fp8(x2, act_granularity, input_scale, GROUP_SIZE, ue8m0)
+        return w4a16_gemm(xf, w.w16, bias).reshape(*lead, w.n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     group = act_granularity == "token_group"

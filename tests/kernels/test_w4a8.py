@@ -110,6 +110,41 @@ def test_codes_equal_reference(m, act, dtype, ue8m0, smooth, cand):
     assert torch.equal(y, ref.dequantize_fp8_act(xq, xs, act))
 
 
+W16_CASES = [(3, 96, 256, "token_group"), (17, 40, 200, "tensor_static"), (2, 32, 128, "tensor_dynamic"),
+             (5, 48, 300, "token")]
+
+
+@pytest.mark.parametrize("case", W16_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_w16_candidate_cpu(case):
+    """x fake-quantized, then the w4a16 GEMM: the fp8-activation product up to 16-bit rounding of x and W."""
+    m, n, k, act = case
+    _, qweight, scales = _weights(n, k)
+    w = w4a8_repack(qweight, scales, 128, k)
+    x = _x(m, k, torch.float16)
+    bias = torch.randn(n, device=DEV, dtype=torch.float16) if m % 2 else None
+    y = w4a8_linear(x, w, act, _static() if act == "tensor_static" else None, bias=bias, candidate="w16")
+    assert y.shape == (m, n) and y.dtype == torch.float16
+    _check(y, _expected(x, qweight, scales, k, act, bias), k, torch.float16)
+
+
+@pytest.mark.parametrize("m,act,dtype,ue8m0,smooth", [c for c in CODE_CASES if c[2] != torch.float32],
+                         ids=lambda c: str(c))
+def test_w16_codes_equal_reference(m, act, dtype, ue8m0, smooth):
+    """W = I: the w16 candidate returns xq * sx rounded to x.dtype, i.e. the reference codes and scales."""
+    if dtype == torch.bfloat16 and DEV == "cpu":
+        pytest.skip("the Triton interpreter's tl.dot is wrong on bf16 operands (the w4a16 GEMM); bf16 runs on the GPU")
+    k = 256
+    q = torch.full((k, k), 8, dtype=torch.int64)
+    q.fill_diagonal_(9)
+    w = w4a8_repack(ref.pack_int32(q, 4).to(DEV), torch.ones(k, 2, device=DEV), 128, k)
+    x = _x(m, k, dtype, seed=7) * torch.logspace(-3, 1, k, device=DEV).to(dtype)
+    pqs = (torch.rand(k, generator=torch.Generator().manual_seed(2)) + 0.5).to(dtype).to(DEV) if smooth else None
+    scale = _static() if act == "tensor_static" else None
+    y = w4a8_linear(x, w, act, scale, ue8m0=ue8m0, candidate="w16", pre_quant_scale=pqs)
+    xq, xs = ref.quantize_fp8_ref(x * pqs if smooth else x, act, scale, ue8m0=ue8m0)
+    assert torch.equal(y, ref.dequantize_fp8_act(xq, xs, act).to(dtype))
+
+
 @pytest.mark.parametrize("m,mode", [(2, "static"), (16, "token_group")])
 def test_wide_weight_tiles(m, mode):
     """fp8act_config(block_n=128): the tiles the w4a8 selection takes from fused_wide_min_m."""
@@ -156,6 +191,9 @@ def test_errors():
         w4a8_linear(x, w, "token", candidate="small_m")
     with pytest.raises(ValueError, match="pre_quant_scale"):
         w4a8_linear(x, w, "token", pre_quant_scale=torch.ones(3, device=DEV))
+    with pytest.raises(ValueError, match="candidate 'w16' needs 16-bit"):
+        w4a8_linear(x, w, "token", candidate="w16", out_dtype=torch.float32)
+    assert pick_candidate(w, 4, out16=False) != "w16"
     with pytest.raises(ValueError, match="mode 'row'"):
         w4a16_gemm_fp8act(x, w.w16, "row")
     with pytest.raises(ValueError, match="M <= 64"):
@@ -174,7 +212,7 @@ GPU_SHAPES = [(1, 4096, 7168), (7, 2112, 7168), (16, 576, 7168), (24, 2112, 7168
 
 
 def _candidates(m, n, k):
-    return (["fused", "fused_pre"] if m <= 64 else []) + ["dequant", None] + (
+    return (["fused", "fused_pre"] if m <= 64 else []) + ["dequant", None, "w16"] + (
         ["dequant_cublas"] if k % 128 == 0 and n % 16 == 0 and m >= 16 else [])
 
 
@@ -193,6 +231,15 @@ def test_gpu_w4a8(shape, act, dtype):
         y = w4a8_linear(x, w, act, _static("cuda") if act == "tensor_static" else None, bias=bias, candidate=cand)
         assert y.dtype == dtype
         _check(y, y_ref, k, dtype, f"candidate {cand}")
+
+
+@pytest.mark.gpu
+def test_gpu_selection_takes_w16_where_measured():
+    """configs/w4a8_select.json w16: 4096x7168 token_group M = 16..128 (H100), not for fp32 outputs or above."""
+    _, qweight, scales = _weights(4096, 7168, "cuda", scale_dtype=torch.bfloat16)
+    w = w4a8_repack(qweight, scales, 128, 7168)
+    assert [pick_candidate(w, m) for m in (16, 64, 128)] == ["w16"] * 3
+    assert pick_candidate(w, 64, out16=False) != "w16" and pick_candidate(w, 2048) == "dequant_cublas"
 
 
 @pytest.mark.gpu
@@ -223,7 +270,7 @@ def test_gpu_pre_quant_scale_and_fp32_out(act):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cand,act", [("fused", "token_group"), ("fused", "tensor_static"),
-                                      ("dequant_cublas", "token_group")])
+                                      ("dequant_cublas", "token_group"), ("w16", "token_group")])
 def test_gpu_w4a8_cuda_graph(cand, act):
     m, n, k = (4 if cand == "fused" else 96), 2112, 7168
     _, qweight, scales = _weights(n, k, "cuda", scale_dtype=torch.bfloat16)
