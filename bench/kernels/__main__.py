@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("sweep", choices=sorted(SWEEPS) + ["all"])
     parser.add_argument("--quick", action="store_true", help="a few shapes and M values only")
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    parser.add_argument("--ms", default=None, help="w4a8: comma-separated M values instead of the sweep's")
+    parser.add_argument("--ms", default=None, help="w4a8, w4a16: comma-separated M values instead of the sweep's")
     args = parser.parse_args()
     for name in sorted(SWEEPS) if args.sweep == "all" else [args.sweep]:
         importlib.import_module(SWEEPS[name]).main(args)

@@ -131,7 +131,7 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
 def _describe(cfg: dict) -> str:
     if cfg["path"] == "wgmma":
         mode = "rs" if cfg.get("RS") else "ss"
-        split = f"/s{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else ""
+        split = f"/s{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else "/tail" if cfg.get("TAIL_SPLIT") else ""
         return f"wgmma-{mode}/{cfg['BLOCK_N']}x{cfg['BLOCK_M']}/st{cfg.get('num_stages', 3)}{split}"
     if cfg["path"] == "tma":
         return f"tma/{cfg['BLOCK_N']}x{cfg['BLOCK_M']}/w{cfg.get('num_warps', 8)}st{cfg.get('num_stages', 3)}"
@@ -152,7 +152,7 @@ def main(args) -> None:
     roof = rooflines()
     print(f"rooflines: {roof}")
     dtype = torch.bfloat16
-    ms = M_QUICK if args.quick else M_ALL
+    ms = [int(v) for v in args.ms.split(",")] if getattr(args, "ms", None) else M_QUICK if args.quick else M_ALL
     rows = []
     payload = {"rooflines": roof, "rows": rows, "quick": bool(args.quick), "dtype": str(dtype), "group_size": GROUP,
                "timing": "CUDA graph replay, weights rotated over >= 160 MB; bytes = int4 weights + scales + x + y"}

@@ -24,7 +24,12 @@ in split order, so results are deterministic and CUDA-graph replays find the cou
 Tail split (TAIL_SPLIT, for grids of several waves): programs 0 .. full-1 take whole tiles; only the tiles of the
 last partial wave are split over K the same way (tail_split), so that wave ends after 1/S of a tile instead of a
 whole one with most SMs idle (ncu, H100, 25600x5120 at M = 1024, 800 tiles of 128x256 on 132 SMs: SMs active 85% of
-the kernel without it; measured 464 -> 433 us). With
+the kernel without it; measured 464 -> 433 us).
+Tried and not kept (H100, 2026-11-26): moving the stage refill after the wgmma wait (a barrier there instead of
+before the wgmma: refills STAGES - 1 blocks ahead) was slower on most shapes (10240x5120 M = 512: 103 -> 134 us);
+a Gluon warp_specialize version (a TMA producer warp, two independent consumer warpgroups, mbarrier ready/empty
+rings) computed the same results but ran 30-40% slower: its 384 threads cap ptxas at 168 registers for all of the
+code whatever setmaxnreg hands the consumers at run time, and ptxas serializes the wgmmas (C7512). With
 BLOCK_N = 64 (one warpgroup, ~165 registers) two CTAs share an SM: 12-20% faster than BLOCK_N = 128 on the small
 H100 shapes at M = 128..256.
 
