@@ -9,7 +9,9 @@ tile); the last program of an (N, M) tile to arrive (ticket counter, acq_rel) su
 (deterministic), writes y and resets its counter to 0, so no memset is launched. Partial bytes grow as
 SPLIT * M * N * 4 while the weight is N * K, so configs for larger M use fewer splits (configs/fp8_small_m.json).
 Tried and measured 9-61% slower on H100 (bench/kernels/fp8.py; 2112x7168, 4096x7168, 7168x16384; M = 1..256):
-loading x and the scales one K-block ahead in registers together with summing several partials per load.
+loading x and the scales one K-block ahead in registers together with summing several partials per load; and
+(2026-11-26) a GEMV form for M = 1..4 - no MMA, each K-block's e4m3 products in fp32 summed over K by tl.sum over a
+[BLOCK_N, M, 128] tile - 2.4-11x slower than the MMA form on 2112x7168 .. 7168x16384 over 48 configs.
 Every K-block's MMA result is added to the fp32 accumulator separately (sm90 fp8 MMAs keep ~14 bits while
 accumulating, fp8_block.py). In-kernel quantization multiplies by 1 / scale (quant_act.quantize_tile_rcp),
 so a code can differ from quantize_fp8 by one e4m3 step where x / s is within an fp32 ulp of a tie; the GEMM
