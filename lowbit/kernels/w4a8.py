@@ -32,6 +32,11 @@ tile through shared memory or as the MMA's register operand (swap AB), tiles 64.
 1394-2636 us against 552 us for dequant_cublas and 336 us for per-tensor cuBLAS fp8 (2112x7168: 200 vs 90 us);
 the per-element conversions and the tile shuffles dominate. dequant (Triton block GEMM on the scratch) measured
 851 us there, so cuBLAS stays the large-M path.
+Also not kept (H100, 2026-11-26, third session): fused_pre with the GEMM launched as a programmatic dependent (PDL)
+of quantize_fp8, prefetching its first weight blocks to L2 before griddepcontrol.wait: -0.8 to +2.8 us against the
+plain launch at M = 1..64 on the four quick shapes (prefetching 4 blocks was slower than none).
+At M <= 16 the weight stream is the same int4 bytes as w4a16's, so w4a8 can tie w4a16 at best; quantizing x costs
+a launch (fused_pre, w16) or per-tile work (fused): 0.79-0.95x of w4a16 measured.
 """
 
 from __future__ import annotations
