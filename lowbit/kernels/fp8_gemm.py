@@ -26,9 +26,9 @@ split_n (the rows past the last whole 128 beside the main call: 2112 = 16.5 x 12
 and rows: the same math as BlockWise1x128 x BlockWise1x128, each 128x128 block scale repeated on its 128 weight rows
 ([N, K/128] column-major, made once per weight), which cuBLAS runs with other kernels (H100, 2112x7168 at M = 2048:
 61.4 vs 70.8 us; slower on 4096x7168 and 7168x16384), so it is chosen per shape and M range by measurement.
-Not used: the transposed call (W as cuBLAS's first operand with 128x128 scales, x^T with 1x128) writes y^T; it was
-faster at M = 2048 on 7168x16384 (413 vs 457 us, H100), where the copy back (58 MB moved, ~20 us estimated, not
-measured) would leave about half of that, and within 4% elsewhere (less than the copy).
+Not used: the transposed call (W as cuBLAS's first operand with 128x128 scales, x^T with 1x128) writes y^T; alone
+it was faster at M = 2048 on 7168x16384 (413 vs 457 us, H100), but with the copy back (yt.t().contiguous()) it was
+slower on all 14 sweep shapes at M = 512..8192 (e.g. 7168x16384 M = 2048: 533 vs 375 us).
 small_m configs may carry a 6th element: programmatic dependent launch (fp8_small_m.py), where it measured faster.
 """
 
