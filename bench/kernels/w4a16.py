@@ -131,7 +131,8 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
 def _describe(cfg: dict) -> str:
     if cfg["path"] == "wgmma":
         mode = "rs" if cfg.get("RS") else "ss"
-        split = f"/s{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else "/tail" if cfg.get("TAIL_SPLIT") else ""
+        split = (f"/s{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else "/tail" if cfg.get("TAIL_SPLIT")
+                 else "/streamk" if cfg.get("STREAM_K") else "")
         return f"wgmma-{mode}/{cfg['BLOCK_N']}x{cfg['BLOCK_M']}/st{cfg.get('num_stages', 3)}{split}"
     if cfg["path"] == "tma":
         return f"tma/{cfg['BLOCK_N']}x{cfg['BLOCK_M']}/w{cfg.get('num_warps', 8)}st{cfg.get('num_stages', 3)}"

@@ -2,7 +2,7 @@
 
 A config is a dict:
   {"path": "fused", "BLOCK_N", "BLOCK_M", "SPLIT_K", "SCALE_AFTER", "num_warps", "num_stages"[, "GROUP_M"]},
-  {"path": "wgmma", "BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "GROUP_M", "RS"[, "SPLIT_K", "TAIL_SPLIT"]} (sm90,
+  {"path": "wgmma", "BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "GROUP_M", "RS"[, "SPLIT_K", "TAIL_SPLIT", "STREAM_K"]} (sm90,
   w4a16_wgmma.py), {"path": "tma", "BLOCK_N", "BLOCK_M", "SWAP", "num_warps", "num_stages", "GROUP_M"} (w4a16_tma.py),
   or {"path": "dequant"[, "chunks", "overlap"]} (dequantize to x.dtype, then cuBLAS; see w4a16_dequant.py).
 Lookup for (weights, M): the weights' own cache -> configs/w4a16_<gpu>.json (checked in; written by
@@ -192,12 +192,15 @@ def candidates(w, m: int, device) -> list[dict]:
                 continue
             tiles = -(-w.n // bn) * -(-m // bm)
             resident = sms * (2 if bn == 64 else 1)  # split-K only where the tiles leave resident CTA slots idle
+            base = {"path": "wgmma", "BLOCK_N": bn, "BLOCK_M": bm, "num_warps": bn // 16, "num_stages": st,
+                    "GROUP_M": 8, "RS": True}
             for split in [1] + [s for s in (2, 3, 4, 6, 8) if tiles < resident and tiles * s <= 2 * resident
                                 and num_kb >= 3 * s]:
-                out.append({"path": "wgmma", "BLOCK_N": bn, "BLOCK_M": bm, "num_warps": bn // 16, "num_stages": st,
-                            "GROUP_M": 8, "RS": True, "SPLIT_K": split})
-            if tiles > resident:  # (no split-K above) the last partial wave's tiles split over K: w4a16_wgmma.tail_split
-                out.append(dict(out[-1], TAIL_SPLIT=True))
+                out.append(dict(base, SPLIT_K=split))
+            if tiles > resident:  # the last partial wave's tiles split over K (w4a16_wgmma.tail_split)
+                out.append(dict(base, SPLIT_K=1, TAIL_SPLIT=True))
+            elif bm <= 128:  # fewer tiles than CTA slots: stream-K (w4a16_wgmma.stream_k)
+                out.append(dict(base, SPLIT_K=1, STREAM_K=True))
         out.append({"path": "tma", "BLOCK_N": 128, "BLOCK_M": 128, "SWAP": True, "num_warps": 8, "num_stages": 3,
                     "GROUP_M": 8})
     return out

@@ -25,6 +25,11 @@ Tail split (TAIL_SPLIT, for grids of several waves): programs 0 .. full-1 take w
 last partial wave are split over K the same way (tail_split), so that wave ends after 1/S of a tile instead of a
 whole one with most SMs idle (ncu, H100, 25600x5120 at M = 1024, 800 tiles of 128x256 on 132 SMs: SMs active 85% of
 the kernel without it; measured 464 -> 433 us).
+Stream-K (STREAM_K, BLOCK_M <= 128, grids with fewer tiles than CTA slots: w4a16_streamk_kernel): program c takes
+the units (tile, K-block) c * U .. c * U + U - 1 in tile-major order, at most two tiles, each through _segment;
+cut tiles meet in the workspace as above. H100, 16 sweep shapes at M = 64..1024: faster than the tuned entry on two
+points (5120x8192 M = 256: 60.0 -> 53.4 us; 8192x8192 M = 64: 28.5 -> 27.1 us), slower on most (4608x3584 M = 256:
+29.5 vs 26.3 us): two pipeline fills per CTA and the fix-up cost more than the idle SMs they recover.
 Tried and not kept (H100, 2026-11-26): moving the stage refill after the wgmma wait (a barrier there instead of
 before the wgmma: refills STAGES - 1 blocks ahead) was slower on most shapes (10240x5120 M = 512: 103 -> 134 us);
 a Gluon warp_specialize version (a TMA producer warp, two independent consumer warpgroups, mbarrier ready/empty
@@ -60,6 +65,8 @@ from lowbit.kernels.w4a16_tma import tma_input
 from lowbit.kernels.w4a16_tune import num_sms
 
 TAIL_MIN_KB = 4  # a split tile's pieces walk at least this many K-blocks (each writes a BN x BM fp32 partial)
+SK_MIN_KB = 4  # stream-K: K-blocks per CTA at least
+SK_MAX_BLOCK_M = 128  # stream-K's two inlined tile pipelines: at BLOCK_M = 256 ptxas serializes the wgmmas (C7512)
 
 # same PTX as w4a16.py: index 8 * scaled + 4 * bf16 + pair
 _ASM = gl.constexpr(tuple(_unpack_asm(j, b, s) for s in (False, True) for b in (False, True) for j in range(4)))
@@ -160,32 +167,14 @@ def _refill(nk, ok, x_desc, q_desc, x_smem, q_smem, bars, m0, n0, N, kb0, num_kb
 
 
 @gluon.jit
-def w4a16_wgmma_kernel(x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, total_kb,
-                       kb_per_split, full_tiles, splits, GS: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                       HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr,
-                       STAGES: gl.constexpr, RS: gl.constexpr, SPLIT: gl.constexpr):
-    NW: gl.constexpr = gl.num_warps()
-    W: gl.constexpr = q_desc.block_type.shape[1]
-    KB: gl.constexpr = 8 * W
-    DT: gl.constexpr = x_desc.dtype
-    BF16: gl.constexpr = DT == gl.bfloat16
+def _segment(tile, kb0, num_kb, x_desc, q_desc, x_smem, q_smem, a_smem, bars, s_ptr, z_ptr, M, N, GS: gl.constexpr,
+             HAS_ZEROS: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+             BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, W: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr,
+             QL: gl.constexpr, ACC_L: gl.constexpr, RS: gl.constexpr):
+    """K-blocks kb0 .. kb0 + num_kb - 1 (num_kb >= 1) of output tile `tile` (grouped order): fresh stage barriers,
+    the TMA prologue, the unpack + wgmma pipeline, all wgmmas retired. Returns (fp32 accumulator, per-channel scale
+    of the last group, m0, n0)."""
     ONE_GROUP: gl.constexpr = GS == 0
-    ACC_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                    instr_shape=[16, BLOCK_M, 16])
-    if RS:  # words j, j+1 of a row pair up as the 16-bit pairs of the wgmma A fragment (w4a16_layout.py's order)
-        QL: gl.constexpr = gl.DotOperandLayout(0, ACC_L, 2)
-    else:  # a thread holds 8 words (32 B) of one row: each chunk it unpacks is 16 contiguous bytes of A
-        QL: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [NW, 1], [1, 0])
-    OUT_L: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, NW], [0, 1])  # y^T: 4 contiguous n per thread
-    A_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, KB], DT)
-
-    # programs 0 .. full_tiles - 1 own whole tiles; each later group of `splits` programs shares one of the
-    # remaining tiles, split over K (all of them when full_tiles = 0: plain split-K)
-    pid = gl.program_id(0)
-    in_split = pid >= full_tiles
-    r = gl.maximum(pid - full_tiles, 0)
-    tile = gl.where(in_split, full_tiles + r // splits, pid)
-    sp = gl.where(in_split, r % splits, 0)
     num_pid_n = gl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_pid_n
     first_m = (tile // width) * GROUP_M
@@ -194,15 +183,6 @@ def w4a16_wgmma_kernel(x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, lo
     pid_n = (tile % width) // rows_m
     n0 = pid_n * BLOCK_N
     m0 = pid_m * BLOCK_M
-    kb0 = sp * kb_per_split  # this CTA walks K-blocks kb0 .. kb0 + num_kb - 1 (>= 1 of them)
-    num_kb = gl.where(in_split, gl.minimum(kb_per_split, total_kb - kb0), total_kb)
-
-    x_smem = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, KB], x_desc.layout)
-    q_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, W], q_desc.layout)
-    a_smem = x_smem  # unused with RS
-    if not RS:
-        a_smem = gl.allocate_shared_memory(DT, [2, BLOCK_N, KB], A_SL)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     NBYTES: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes
@@ -235,35 +215,138 @@ def w4a16_wgmma_kernel(x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, lo
         for kb in range(1, num_kb):
             acc, cs = _block(kb, acc, cs, x_desc, q_desc, x_smem, q_smem, a_smem, bars, s_ptr, z_ptr, offs_n, m0,
                              n0, N, kb0, num_kb, GS, HAS_ZEROS, BF16, DT, BLOCK_N, W, KB, STAGES, QL, ACC_L, RS)
-    s_v = cs[3]
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
+    return acc, cs[3], m0, n0
+
+
+@gluon.jit
+def w4a16_wgmma_kernel(x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, total_kb,
+                       kb_per_split, full_tiles, splits, GS: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr,
+                       STAGES: gl.constexpr, RS: gl.constexpr, SPLIT: gl.constexpr):
+    NW: gl.constexpr = gl.num_warps()
+    W: gl.constexpr = q_desc.block_type.shape[1]
+    KB: gl.constexpr = 8 * W
+    DT: gl.constexpr = x_desc.dtype
+    BF16: gl.constexpr = DT == gl.bfloat16
+    ONE_GROUP: gl.constexpr = GS == 0
+    ACC_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                    instr_shape=[16, BLOCK_M, 16])
+    if RS:  # words j, j+1 of a row pair up as the 16-bit pairs of the wgmma A fragment (w4a16_layout.py's order)
+        QL: gl.constexpr = gl.DotOperandLayout(0, ACC_L, 2)
+    else:  # a thread holds 8 words (32 B) of one row: each chunk it unpacks is 16 contiguous bytes of A
+        QL: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [NW, 1], [1, 0])
+    OUT_L: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, NW], [0, 1])  # y^T: 4 contiguous n per thread
+    A_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, KB], DT)
+
+    # programs 0 .. full_tiles - 1 own whole tiles; each later group of `splits` programs shares one of the
+    # remaining tiles, split over K (all of them when full_tiles = 0: plain split-K)
+    pid = gl.program_id(0)
+    in_split = pid >= full_tiles
+    r = gl.maximum(pid - full_tiles, 0)
+    tile = gl.where(in_split, full_tiles + r // splits, pid)
+    sp = gl.where(in_split, r % splits, 0)
+    kb0 = sp * kb_per_split  # this CTA walks K-blocks kb0 .. kb0 + num_kb - 1 (>= 1 of them)
+    num_kb = gl.where(in_split, gl.minimum(kb_per_split, total_kb - kb0), total_kb)
+
+    x_smem = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, KB], x_desc.layout)
+    q_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, W], q_desc.layout)
+    a_smem = x_smem  # unused with RS
+    if not RS:
+        a_smem = gl.allocate_shared_memory(DT, [2, BLOCK_N, KB], A_SL)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    acc, s_v, m0, n0 = _segment(tile, kb0, num_kb, x_desc, q_desc, x_smem, q_smem, a_smem, bars, s_ptr, z_ptr, M, N,
+                                GS, HAS_ZEROS, BF16, DT, BLOCK_N, BLOCK_M, GROUP_M, W, KB, STAGES, QL, ACC_L, RS)
     if SPLIT:  # split tiles: fp32 partial -> workspace; the tile's last CTA to arrive sums them in split order
         if in_split:
-            st_id = tile - full_tiles  # this tile among the split ones
-            nsplit_tiles = (gl.num_programs(0) - full_tiles) // splits
-            TILE: gl.constexpr = BLOCK_N * BLOCK_M
-            # [S, split tiles, BN, BM] in the accumulator's own layout: each thread re-reads what it wrote
-            loc = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC_L))[:, None] * BLOCK_M
-                   + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_L))[None, :])
-            gl.store(ws_ptr + (sp * nsplit_tiles + st_id).to(gl.int64) * TILE + loc, acc)
-            gl.thread_barrier()  # every thread's partial is written before the release below
-            arrived = gl.atomic_add(lock_ptr + st_id, 1, sem="acq_rel", scope="gpu")
-            if arrived == splits - 1:
-                total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, ACC_L)
-                for piece in range(0, splits):  # fixed order: deterministic sums (its own partial re-read too: keeping
-                    # it in registers beside the sum spilled at BM = 256)
-                    total += gl.load(ws_ptr + (piece * nsplit_tiles + st_id).to(gl.int64) * TILE + loc,
-                                     cache_modifier=".cg")
-                gl.atomic_xchg(lock_ptr + st_id, 0)  # ready for the next launch (and CUDA-graph replays)
-                _epilogue(total, s_v, bias_ptr, y_ptr, M, N, stride_ym, m0, n0, ONE_GROUP, HAS_BIAS, BLOCK_N,
-                          BLOCK_M, OUT_L)
+            st_id = tile - full_tiles  # this tile among the split ones: partials [S, split tiles, BN, BM]
+            _finish_split(acc, s_v, ws_ptr, lock_ptr + st_id, st_id, (gl.num_programs(0) - full_tiles) // splits, sp,
+                          splits, bias_ptr, y_ptr, M, N, stride_ym, m0, n0, ONE_GROUP, HAS_BIAS, BLOCK_N, BLOCK_M,
+                          ACC_L, OUT_L)
         else:
             _epilogue(acc, s_v, bias_ptr, y_ptr, M, N, stride_ym, m0, n0, ONE_GROUP, HAS_BIAS, BLOCK_N, BLOCK_M,
                       OUT_L)
     else:
         _epilogue(acc, s_v, bias_ptr, y_ptr, M, N, stride_ym, m0, n0, ONE_GROUP, HAS_BIAS, BLOCK_N, BLOCK_M, OUT_L)
+
+
+@gluon.jit
+def _finish_split(acc, s_v, ws_ptr, lock, base, stride, piece, pieces, bias_ptr, y_ptr, M, N, stride_ym, m0, n0,
+                  ONE_GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                  ACC_L: gl.constexpr, OUT_L: gl.constexpr):
+    """Piece `piece` of a tile cut into `pieces` over K: its fp32 partial goes to workspace slot piece * stride + base,
+    in the accumulator's own layout (each thread re-reads what it wrote, no conversion); the last piece to arrive
+    (atomic ticket on `lock`) sums all of them in piece order - deterministic - and stores y, and resets the ticket
+    to 0 for the next launch (and CUDA-graph replays)."""
+    TILE: gl.constexpr = BLOCK_N * BLOCK_M
+    loc = (gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC_L))[:, None] * BLOCK_M
+           + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_L))[None, :])
+    gl.store(ws_ptr + (piece * stride + base).to(gl.int64) * TILE + loc, acc)
+    gl.thread_barrier()  # every thread's partial is written before the release below
+    arrived = gl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+    if arrived == pieces - 1:
+        total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, ACC_L)
+        for p in range(0, pieces):  # its own partial re-read too: keeping it in registers beside the sum spilled
+            total += gl.load(ws_ptr + (p * stride + base).to(gl.int64) * TILE + loc, cache_modifier=".cg")
+        gl.atomic_xchg(lock, 0)
+        _epilogue(total, s_v, bias_ptr, y_ptr, M, N, stride_ym, m0, n0, ONE_GROUP, HAS_BIAS, BLOCK_N, BLOCK_M, OUT_L)
+
+
+@gluon.jit
+def _sk_tile(t, a, e, c, units_per_cta, total_kb, p_max, x_desc, q_desc, x_smem, q_smem, a_smem, bars, s_ptr, z_ptr,
+             bias_ptr, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, GS: gl.constexpr, HAS_ZEROS: gl.constexpr,
+             HAS_BIAS: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+             BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, W: gl.constexpr, KB: gl.constexpr, STAGES: gl.constexpr,
+             QL: gl.constexpr, ACC_L: gl.constexpr, OUT_L: gl.constexpr, RS: gl.constexpr):
+    """Stream-K: K-blocks a .. e - 1 of tile t, computed by program c; whole tiles store y, pieces go through the
+    workspace [tiles, p_max, BN, BM] (piece index = c - the first program of the tile)."""
+    acc, s_v, m0, n0 = _segment(t, a, e - a, x_desc, q_desc, x_smem, q_smem, a_smem, bars, s_ptr, z_ptr, M, N, GS,
+                                HAS_ZEROS, BF16, DT, BLOCK_N, BLOCK_M, GROUP_M, W, KB, STAGES, QL, ACC_L, RS)
+    first = (t * total_kb) // units_per_cta
+    pieces = ((t + 1) * total_kb - 1) // units_per_cta - first + 1
+    if pieces == 1:
+        _epilogue(acc, s_v, bias_ptr, y_ptr, M, N, stride_ym, m0, n0, GS == 0, HAS_BIAS, BLOCK_N, BLOCK_M, OUT_L)
+    else:
+        _finish_split(acc, s_v, ws_ptr, lock_ptr + t, t * p_max, 1, c - first, pieces, bias_ptr, y_ptr, M, N,
+                      stride_ym, m0, n0, GS == 0, HAS_BIAS, BLOCK_N, BLOCK_M, ACC_L, OUT_L)
+
+
+@gluon.jit
+def w4a16_streamk_kernel(x_desc, q_desc, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, total_kb,
+                         units_per_cta, total_units, p_max, GS: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                         HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr,
+                         STAGES: gl.constexpr):
+    """Stream-K for grids with fewer tiles than CTA slots: program c computes the units (tile, K-block) c * U ..
+    c * U + U - 1 of all tiles' K-blocks in tile-major order (U <= total_kb: at most two tiles), so every SM streams
+    the same amount of work; RS operand as w4a16_wgmma_kernel."""
+    NW: gl.constexpr = gl.num_warps()
+    W: gl.constexpr = q_desc.block_type.shape[1]
+    KB: gl.constexpr = 8 * W
+    DT: gl.constexpr = x_desc.dtype
+    BF16: gl.constexpr = DT == gl.bfloat16
+    ACC_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                    instr_shape=[16, BLOCK_M, 16])
+    QL: gl.constexpr = gl.DotOperandLayout(0, ACC_L, 2)
+    OUT_L: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, NW], [0, 1])
+    c = gl.program_id(0)
+    u0 = c * units_per_cta
+    u1 = gl.minimum(u0 + units_per_cta, total_units)
+    t = u0 // total_kb
+    a = u0 - t * total_kb
+    e = gl.minimum(total_kb, u1 - t * total_kb)
+    x_smem = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, KB], x_desc.layout)
+    q_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, W], q_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    _sk_tile(t, a, e, c, units_per_cta, total_kb, p_max, x_desc, q_desc, x_smem, q_smem, x_smem, bars, s_ptr, z_ptr,
+             bias_ptr, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, GS, HAS_ZEROS, HAS_BIAS, BF16, DT, BLOCK_N, BLOCK_M,
+             GROUP_M, W, KB, STAGES, QL, ACC_L, OUT_L, True)
+    if u1 > (t + 1) * total_kb:  # the range runs into the next tile
+        gl.thread_barrier()  # every warp is done with the stages and barriers of the first tile
+        _sk_tile(t + 1, 0, u1 - (t + 1) * total_kb, c, units_per_cta, total_kb, p_max, x_desc, q_desc, x_smem, q_smem,
+                 x_smem, bars, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, GS, HAS_ZEROS,
+                 HAS_BIAS, BF16, DT, BLOCK_N, BLOCK_M, GROUP_M, W, KB, STAGES, QL, ACC_L, OUT_L, True)
 
 
 @gluon.jit
@@ -304,6 +387,21 @@ def tail_split(tiles: int, num_kb: int, cfg: dict, device) -> tuple[int, int]:
     return (tiles - rem, split) if split > 1 else (tiles, 1)
 
 
+def stream_k(tiles: int, num_kb: int, cfg: dict, device) -> tuple[int, int, int] | None:
+    """(K-blocks per CTA U, CTAs, most pieces of one tile) for STREAM_K configs on grids with fewer tiles than CTA
+    slots, else None: all tiles' K-blocks dealt out evenly (>= SK_MIN_KB each) over at most one wave of CTAs."""
+    if (not cfg.get("STREAM_K") or not cfg.get("RS", False) or int(cfg.get("SPLIT_K", 1)) > 1
+            or cfg["BLOCK_M"] > SK_MAX_BLOCK_M):
+        return None
+    slots = int(cfg.get("TAIL_SLOTS", 0)) or num_sms(device) * _resident(cfg)
+    units = tiles * num_kb
+    if tiles >= slots or units < 2 * SK_MIN_KB:
+        return None
+    ctas = max(tiles, min(slots, units // SK_MIN_KB))
+    per = -(-units // ctas)
+    return per, -(-units // per), -(-num_kb // per) + 1
+
+
 def w4a16_wgmma_gemm(x2: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
     """y [M, N] = x2 [M, K] @ W^T (+ bias); cfg: BLOCK_N (64 per warpgroup), BLOCK_M, num_stages, GROUP_M, RS,
     SPLIT_K (> 1: a [S, tiles, BN, BM] fp32 workspace and the tile counters in w.locks; one stream per weight)."""
@@ -318,6 +416,16 @@ def w4a16_wgmma_gemm(x2: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | Non
     q_desc = TensorDescriptor.from_tensor(w.qweight.view(-1, w.words), [bn, w.words], q_layout)
     tiles = triton.cdiv(w.n, bn) * triton.cdiv(m, bm)
     num_kb = w.k_pad // w.block_k
+    sk = stream_k(tiles, num_kb, cfg, x2.device) if tiles <= w.locks.numel() else None
+    if sk is not None:
+        units_per_cta, ctas, p_max = sk
+        ws = torch.empty((tiles * p_max * bn * bm,), dtype=torch.float32, device=x2.device)
+        w4a16_streamk_kernel[(ctas,)](
+            x_desc, q_desc, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else y,
+            y, ws, w.locks, m, w.n, y.stride(0), num_kb, units_per_cta, tiles * num_kb, p_max, GS=w.gk,
+            HAS_ZEROS=w.zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_M=bm,
+            GROUP_M=cfg.get("GROUP_M", 8), STAGES=cfg.get("num_stages", 3), num_warps=cfg.get("num_warps", 8))
+        return y
     full, split = tail_split(tiles, num_kb, cfg, x2.device)
     if tiles - full > w.locks.numel():
         full, split = tiles, 1  # more split tiles than counters

@@ -266,6 +266,14 @@ def test_gpu_cuda_graph_capture_and_replay():
     assert int(w.locks.abs().sum()) == 0
 
 
+def _gpu_case(m, n, k, g, sym, act, bias, dtype):
+    """Canonical weights, their repack, x [m, k] and an optional bias on the GPU."""
+    qw, s, z, gi, g = make(n, k, g, sym, act)
+    w = w4a16_repack(qw, s, z, gi, 4, g, k)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    return qw, s, z, gi, g, w, x, torch.randn(n, device="cuda", dtype=dtype) if bias else None
+
+
 LARGE_M_CONFIGS = [  # the sm90 large-M kernels: Gluon wgmma (A in registers / in shared memory) and Triton TMA
     {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 128, "num_warps": 8, "num_stages": 4, "RS": True},
     {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 256, "num_warps": 8, "num_stages": 3, "RS": True},
@@ -293,10 +301,7 @@ SMALL_TILE = {"path": "wgmma", "BLOCK_N": 64, "BLOCK_M": 64, "num_warps": 4, "nu
 def test_gpu_large_m_kernels(dtype, m, n, k, g, sym, act, bias):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma / TMA kernels are sm90 paths")
-    qw, s, z, gi, g = make(n, k, g, sym, act)
-    w = w4a16_repack(qw, s, z, gi, 4, g, k)
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    qw, s, z, gi, g, w, x, b = _gpu_case(m, n, k, g, sym, act, bias, dtype)
     for cfg in LARGE_M_CONFIGS:
         for _ in range(2):  # repeated launches: an operand race would not show every time
             check(x, qw, s, z, gi, 4, g, b, cfg, w=w)
@@ -332,24 +337,21 @@ def test_gpu_wgmma_split_k_and_one_warpgroup_tiles(dtype, m, n, k, g, sym, act, 
     """Odd N, K not a multiple of 128, zeros + bias, per-channel, act-order; the split-K counters end at zero."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma kernel is an sm90 path")
-    qw, s, z, gi, g = make(n, k, g, sym, act)
-    w = w4a16_repack(qw, s, z, gi, 4, g, k)
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    qw, s, z, gi, g, w, x, b = _gpu_case(m, n, k, g, sym, act, bias, dtype)
     for cfg in SPLIT_CONFIGS + [SMALL_TILE]:
         for _ in range(2):
             check(x, qw, s, z, gi, 4, g, b, cfg, w=w)
         assert int(w.locks.abs().sum()) == 0
 
 
-TAIL_CONFIGS = [  # whole tiles plus a split last wave; TAIL_SLOTS stands in for the SM count so small shapes split
-    {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 64, "num_warps": 8, "num_stages": 4, "RS": True, "TAIL_SPLIT": True,
-     "TAIL_SLOTS": 3},
-    {"path": "wgmma", "BLOCK_N": 64, "BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "RS": True, "TAIL_SPLIT": True,
-     "TAIL_SLOTS": 6},
-    {"path": "wgmma", "BLOCK_N": 128, "BLOCK_M": 256, "num_warps": 8, "num_stages": 3, "RS": True, "TAIL_SPLIT": True,
-     "TAIL_SLOTS": 3},
-]
+def _wg(bn, bm, stages, **kw):
+    """An RS wgmma config: BLOCK_N / 16 warps."""
+    return {"path": "wgmma", "BLOCK_N": bn, "BLOCK_M": bm, "num_warps": bn // 16, "num_stages": stages, "RS": True, **kw}
+
+
+# whole tiles plus a split last wave; TAIL_SLOTS stands in for the SM count so small shapes split
+TAIL_CONFIGS = [_wg(128, 64, 4, TAIL_SPLIT=True, TAIL_SLOTS=3), _wg(64, 64, 3, TAIL_SPLIT=True, TAIL_SLOTS=6),
+                _wg(128, 256, 3, TAIL_SPLIT=True, TAIL_SLOTS=3)]
 
 
 def test_tail_split_plan():
@@ -366,6 +368,67 @@ def test_tail_split_plan():
     assert tail_split(800, 7, big, "cpu") == (800, 1)  # 7 K-blocks: under two splits of TAIL_MIN_KB
     assert tail_split(800, 40, dict(big, TAIL_SPLIT=False), "cpu") == (800, 1)
     assert tail_split(800, 40, dict(big, SPLIT_K=3), "cpu") == (0, 3)  # plain split-K: every tile
+
+
+def _check_cut_tiles(x, qw, s, z, gi, g, b, cfg, w):
+    """A config whose tiles are cut over K: equal to the reference, bit-equal launch after launch and in a CUDA-graph
+    replay, the tile counters back at zero each time."""
+    y0 = check(x, qw, s, z, gi, 4, g, b, cfg, w=w)
+    for _ in range(3):
+        assert torch.equal(w4a16_gemm(x, w, b, config=cfg), y0)
+    assert int(w.locks.abs().sum()) == 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = w4a16_gemm(x, w, b, config=cfg)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y0) and int(w.locks.abs().sum()) == 0
+
+
+# stream-K; TAIL_SLOTS stands in for the SM count so small shapes get tiles cut over K
+SK_CONFIGS = [_wg(128, 128, 4, STREAM_K=True, TAIL_SLOTS=40), _wg(64, 64, 3, STREAM_K=True, TAIL_SLOTS=120),
+              _wg(128, 64, 4, STREAM_K=True, TAIL_SLOTS=60)]
+
+
+def test_stream_k_plan():
+    """Every unit (tile, K-block) dealt out once, at most two tiles per CTA, pieces per tile within the workspace."""
+    from lowbit.kernels.w4a16_wgmma import SK_MIN_KB, stream_k
+
+    cfg = {"BLOCK_N": 128, "BLOCK_M": 128, "RS": True, "STREAM_K": True, "TAIL_SLOTS": 132}
+    for tiles, kb in [(72, 28), (80, 64), (5, 9), (131, 4), (40, 3), (1, 100)]:
+        plan = stream_k(tiles, kb, cfg, "cpu")
+        if tiles * kb < 2 * SK_MIN_KB:
+            assert plan is None
+            continue
+        per, ctas, p_max = plan
+        assert per <= kb and (ctas - 1) * per < tiles * kb <= ctas * per and ctas <= 132
+        for t in range(tiles):
+            first, last = (t * kb) // per, ((t + 1) * kb - 1) // per
+            assert last - first + 1 <= p_max
+    assert stream_k(132, 28, cfg, "cpu") is None  # a full wave: tail_split's business
+    assert stream_k(72, 28, dict(cfg, BLOCK_M=256), "cpu") is None  # two 256-wide pipelines: wgmmas serialized
+    assert stream_k(72, 28, dict(cfg, STREAM_K=False), "cpu") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,g,sym,act,bias", [(300, 1000, 1152, 128, False, False, True),
+                                                  (129, 1536, 2112, 0, True, False, False),
+                                                  (77, 640, 4096, 128, True, True, True)])
+def test_gpu_wgmma_stream_k(dtype, m, n, k, g, sym, act, bias):
+    """Tiles cut over K at arbitrary block boundaries (one or two tiles per CTA): equal to the reference, bit-equal
+    launch after launch and in CUDA-graph replays, counters back at zero (odd N, K not a multiple of 128,
+    per-channel, act-order, zeros + bias)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma kernel is an sm90 path")
+    from lowbit.kernels.w4a16_wgmma import stream_k
+
+    qw, s, z, gi, g, w, x, b = _gpu_case(m, n, k, g, sym, act, bias, dtype)
+    for cfg in SK_CONFIGS:
+        tiles = -(-n // cfg["BLOCK_N"]) * -(-m // cfg["BLOCK_M"])
+        per, ctas, _ = stream_k(tiles, w.k_pad // w.block_k, cfg, "cuda")
+        assert per < w.k_pad // w.block_k and ctas > tiles  # tiles cut over K
+        _check_cut_tiles(x, qw, s, z, gi, g, b, cfg, w)
 
 
 @pytest.mark.gpu
@@ -386,17 +449,7 @@ def test_gpu_wgmma_tail_split(dtype):
         tiles = -(-n // cfg["BLOCK_N"]) * -(-m // cfg["BLOCK_M"])
         full, split = tail_split(tiles, w.k_pad // w.block_k, cfg, "cuda")
         assert 0 < full < tiles and split > 1, (cfg, tiles, full, split)
-        y0 = check(x, qw, s, z, gi, 4, g, b, cfg, w=w)
-        for _ in range(3):
-            assert torch.equal(w4a16_gemm(x, w, b, config=cfg), y0)
-        assert int(w.locks.abs().sum()) == 0
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = w4a16_gemm(x, w, b, config=cfg)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y, y0)
-        assert int(w.locks.abs().sum()) == 0
+        _check_cut_tiles(x, qw, s, z, gi, g, b, cfg, w)
 
 
 @pytest.mark.gpu
