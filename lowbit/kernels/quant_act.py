@@ -270,11 +270,11 @@ def quantize_fp8(x: torch.Tensor, granularity: str, scale: torch.Tensor | None =
     return _quantize(x, x.shape[1], granularity, scale, group_size, ue8m0, column_major_scales, silu=False)
 
 
-def fake_quantize_fp8(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = None, group_size: int = 128,
-                      ue8m0: bool = False) -> torch.Tensor:
+def fake_quantize_act_fp8(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = None,
+                          group_size: int = 128, ue8m0: bool = False) -> torch.Tensor:
     """x [M, K] -> the values quantize_fp8 stands for, xq * scale, rounded to x.dtype, in one pass (a GEMM on 16-bit
     operands then computes the fp8-activation product, w4a8.py's "w16" candidate)."""
-    _check(x, granularity, scale, group_size, "fake_quantize_fp8")
+    _check(x, granularity, scale, group_size, "fake_quantize_act_fp8")
     return _quantize(x, x.shape[1], granularity, scale, group_size, ue8m0, False, silu=False, deq=True)[0]
 
 

@@ -22,7 +22,7 @@ Candidates (`pick_candidate`; M thresholds in configs/w4a8_select.json, measured
 |                | BlockWise1x128 x BlockWise1x128 (K % 128 == 0, N % 16 == 0, M >= 16); per-tensor /     |
 |                | per-token activation scales enter as constant 1 x 128 block scales (the same math)      |
 | dequant        | the same scratch, then the Triton fp8 block GEMM with 1 x 128 weight scales (fallback)  |
-| w16            | x fake-quantized in one pass (quant_act.fake_quantize_fp8: xq * sx rounded to x.dtype), |
+| w16            | x fake-quantized in one pass (quant_act.fake_quantize_act_fp8: xq * sx rounded to x.dtype), |
 |                | then w4a16_gemm on the same int4 weights (its tuned decode / wgmma / dequant paths):    |
 |                | 16-bit MMAs on the fp8 values; 16-bit x and output only. Per shape and activation       |
 |                | granularity in the M range w16[NxK][granularity] measured (else w16_default)           |
@@ -51,7 +51,7 @@ import triton.language as tl
 
 from lowbit.kernels import fp8_block
 from lowbit.kernels.fp8_gemm import _device_ok, load_config
-from lowbit.kernels.quant_act import GRANULARITIES, fake_quantize_fp8, quantize_fp8
+from lowbit.kernels.quant_act import GRANULARITIES, fake_quantize_act_fp8, quantize_fp8
 from lowbit.kernels.w4a16 import W4A16Weights, w4a16_gemm, w4a16_repack
 from lowbit.kernels.w4a16_fp8act import FP8_ACT_MAX_M, fp8act_config, w4a16_gemm_fp8act
 
@@ -209,7 +209,7 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
         if not out16:
             raise ValueError(f"w4a8_linear: candidate 'w16' needs 16-bit x and output of one dtype and a "
                              f"pre_quant_scale of that dtype; got x {x.dtype}, out {out_dtype}")
-        xf = fake_quantize_fp8(x2, act_granularity, input_scale, GROUP_SIZE, ue8m0)
+        xf = fake_quantize_act_fp8(x2, act_granularity, input_scale, GROUP_SIZE, ue8m0)
         return w4a16_gemm(xf, w.w16, bias).reshape(*lead, w.n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels.quant_act import fake_quantize_fp8, quantize_fp8, silu_mul_quantize_fp8
+from lowbit.kernels.quant_act import fake_quantize_act_fp8, quantize_fp8, silu_mul_quantize_fp8
 from lowbit.kernels.reference import quantize_fp8_ref
 
 GRANS = ["tensor_static", "tensor_dynamic", "token", "token_group"]
@@ -56,13 +56,13 @@ def test_quantize_exact_small(gran, dtype):
 
 
 def _check_fake(x, gran, ue8m0=False):
-    """fake_quantize_fp8 = the reference codes times their scales, rounded once to x.dtype, bit for bit."""
+    """fake_quantize_act_fp8 = the reference codes times their scales, rounded once to x.dtype, bit for bit."""
     scale = _static_scale(x.device) if gran == "tensor_static" else None
     qr, sr = quantize_fp8_ref(x, gran, scale, 128, ue8m0)
     m, k = x.shape
     s = sr.reshape(-1, 1) if gran != "token_group" else sr.repeat_interleave(128, dim=1)[:, :k]
     want = (qr.float() * s).to(x.dtype)
-    got = fake_quantize_fp8(x, gran, scale, 128, ue8m0)
+    got = fake_quantize_act_fp8(x, gran, scale, 128, ue8m0)
     assert got.dtype == x.dtype and got.shape == x.shape
     assert torch.equal(got, want), (got.float() - want.float()).abs().max()
 

@@ -346,7 +346,8 @@ def test_gpu_wgmma_split_k_and_one_warpgroup_tiles(dtype, m, n, k, g, sym, act, 
 
 def _wg(bn, bm, stages, **kw):
     """An RS wgmma config: BLOCK_N / 16 warps."""
-    return {"path": "wgmma", "BLOCK_N": bn, "BLOCK_M": bm, "num_warps": bn // 16, "num_stages": stages, "RS": True, **kw}
+    return {"path": "wgmma", "BLOCK_N": bn, "BLOCK_M": bm, "num_warps": bn // 16, "num_stages": stages, "RS": True,
+            **kw}
 
 
 # whole tiles plus a split last wave; TAIL_SLOTS stands in for the SM count so small shapes split
