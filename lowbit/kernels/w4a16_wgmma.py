@@ -374,7 +374,7 @@ def _resident(cfg: dict) -> int:
 def tail_split(tiles: int, num_kb: int, cfg: dict, device) -> tuple[int, int]:
     """(full_tiles, splits): SPLIT_K > 1 splits every tile (tile-starved grids). Otherwise, with TAIL_SPLIT, the tiles
     of a last partial wave are split over K so that they fill it: e.g. 800 tiles on 132 one-CTA SMs are 6 waves
-    and 8 tiles, a seventh wave 94% idle; with each of those 8 split 16 ways it lasts 1/16 of a tile (>= MIN_KB
+    and 8 tiles, a seventh wave 94% idle; with each of those 8 split 16 ways it lasts 1/16 of a tile (>= TAIL_MIN_KB
     K-blocks per split)."""
     split = max(1, min(int(cfg.get("SPLIT_K", 1)), num_kb))
     if split > 1:
@@ -406,7 +406,8 @@ def stream_k(tiles: int, num_kb: int, cfg: dict, device) -> tuple[int, int, int]
 
 def w4a16_wgmma_gemm(x2: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None, cfg: dict) -> torch.Tensor:
     """y [M, N] = x2 [M, K] @ W^T (+ bias); cfg: BLOCK_N (64 per warpgroup), BLOCK_M, num_stages, GROUP_M, RS,
-    SPLIT_K (> 1: a [S, tiles, BN, BM] fp32 workspace and the tile counters in w.locks; one stream per weight)."""
+    SPLIT_K (> 1: a [S, tiles, BN, BM] fp32 workspace and the tile counters in w.locks; one stream per weight),
+    TAIL_SPLIT (tail_split), STREAM_K (stream_k; a [tiles, p_max, BN, BM] workspace)."""
     m = x2.shape[0]
     x2 = tma_input(x2, w)
     y = torch.empty((m, w.n), dtype=x2.dtype, device=x2.device)
