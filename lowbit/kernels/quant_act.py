@@ -152,8 +152,8 @@ def quant_fp8_rows_kernel(
         if MODE == 2:
             s = fp8_scale(tl.max(tl.abs(h), axis=1), False)  # [BLOCK_M]
             tl.store(s_ptr + offs_m * stride_sm, s, mask=mask_m)
-        tl.store(y_rows + offs_k[None, :], _out(quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT), s[:, None],
-                                               y_ptr, DEQ, SOFT), mask=mask)
+        q = quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT)
+        tl.store(y_rows + offs_k[None, :], _out(q, s[:, None], y_ptr, DEQ, SOFT), mask=mask)
     else:
         if MODE == 2:  # pass 1: amax of each row
             amax = tl.zeros([BLOCK_M], tl.float32)
@@ -166,8 +166,8 @@ def quant_fp8_rows_kernel(
         for k0 in range(0, K, BLOCK_K):
             mask = mask_m[:, None] & (k0 + offs_k[None, :] < K)
             h = _load_act(x_rows + (k0 + offs_k[None, :]) * stride_xk, mask, half, SILU)
-            tl.store(y_rows + k0 + offs_k[None, :],
-                     _out(quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT), s[:, None], y_ptr, DEQ, SOFT), mask=mask)
+            q = quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT)
+            tl.store(y_rows + k0 + offs_k[None, :], _out(q, s[:, None], y_ptr, DEQ, SOFT), mask=mask)
 
 
 @triton.jit
@@ -186,8 +186,8 @@ def quant_fp8_groups_kernel(
     s = fp8_scale(tl.max(tl.abs(h), axis=2), UE8M0)  # [BM, BG]
     s_mask = (offs_m[:, None] < M) & (offs_g[None, :] * G < K)
     tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_g[None, :] * stride_sg, s, mask=s_mask)
-    tl.store(y_ptr + rows * stride_ym + offs_k,
-             _out(quantize_tile(tl.where(mask, h, 1.0), s[:, :, None], SOFT), s[:, :, None], y_ptr, DEQ, SOFT), mask=mask)
+    q = quantize_tile(tl.where(mask, h, 1.0), s[:, :, None], SOFT)
+    tl.store(y_ptr + rows * stride_ym + offs_k, _out(q, s[:, :, None], y_ptr, DEQ, SOFT), mask=mask)
 
 
 @triton.jit

@@ -2,8 +2,9 @@
 
 A config is a dict:
   {"path": "fused", "BLOCK_N", "BLOCK_M", "SPLIT_K", "SCALE_AFTER", "num_warps", "num_stages"[, "GROUP_M"]},
-  {"path": "wgmma", "BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "GROUP_M", "RS"[, "SPLIT_K", "TAIL_SPLIT", "STREAM_K"]} (sm90,
-  w4a16_wgmma.py), {"path": "tma", "BLOCK_N", "BLOCK_M", "SWAP", "num_warps", "num_stages", "GROUP_M"} (w4a16_tma.py),
+  {"path": "wgmma", "BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "GROUP_M", "RS"[, "SPLIT_K", "TAIL_SPLIT",
+  "STREAM_K"]} (sm90, w4a16_wgmma.py),
+  {"path": "tma", "BLOCK_N", "BLOCK_M", "SWAP", "num_warps", "num_stages", "GROUP_M"} (w4a16_tma.py),
   or {"path": "dequant"[, "chunks", "overlap"]} (dequantize to x.dtype, then cuBLAS; see w4a16_dequant.py).
 Lookup for (weights, M): the weights' own cache -> configs/w4a16_<gpu>.json (checked in; written by
 `python -m bench.kernels.w4a16 --tune`) merged with the user's autotune cache -> heuristic.
