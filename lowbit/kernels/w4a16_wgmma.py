@@ -366,9 +366,11 @@ def _epilogue(acc, s_v, bias_ptr, y_ptr, M, N, stride_ym, m0, n0, ONE_GROUP: gl.
     gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(offs_on < N)[:, None] & (offs_om < M)[None, :])
 
 
-def _resident(cfg: dict) -> int:
-    """CTAs of this tile config one SM holds: BLOCK_N = 64 (one warpgroup, <= 110 KB shared) two, else one."""
-    return int(cfg.get("ctas_per_sm", 2 if cfg["BLOCK_N"] == 64 and cfg["BLOCK_M"] <= 128 else 1))
+def _slots(cfg: dict, device) -> int:
+    """CTA slots of the GPU for this tile config: SMs x CTAs one SM holds (BLOCK_N = 64: one warpgroup, <= 110 KB
+    shared, two; else one); TAIL_SLOTS overrides it (tests)."""
+    per_sm = int(cfg.get("ctas_per_sm", 2 if cfg["BLOCK_N"] == 64 and cfg["BLOCK_M"] <= 128 else 1))
+    return int(cfg.get("TAIL_SLOTS", 0)) or num_sms(device) * per_sm
 
 
 def tail_split(tiles: int, num_kb: int, cfg: dict, device) -> tuple[int, int]:
@@ -381,7 +383,7 @@ def tail_split(tiles: int, num_kb: int, cfg: dict, device) -> tuple[int, int]:
         return 0, split
     if not cfg.get("TAIL_SPLIT", False):
         return tiles, 1
-    slots = int(cfg.get("TAIL_SLOTS", 0)) or num_sms(device) * _resident(cfg)  # TAIL_SLOTS: tests
+    slots = _slots(cfg, device)
     waves, rem = divmod(tiles, slots)
     if waves == 0 or rem == 0:
         return tiles, 1
@@ -395,7 +397,7 @@ def stream_k(tiles: int, num_kb: int, cfg: dict, device) -> tuple[int, int, int]
     if (not cfg.get("STREAM_K") or not cfg.get("RS", False) or int(cfg.get("SPLIT_K", 1)) > 1
             or cfg["BLOCK_M"] > SK_MAX_BLOCK_M):
         return None
-    slots = int(cfg.get("TAIL_SLOTS", 0)) or num_sms(device) * _resident(cfg)
+    slots = _slots(cfg, device)
     units = tiles * num_kb
     if tiles >= slots or units < 2 * SK_MIN_KB:
         return None

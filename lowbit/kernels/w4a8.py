@@ -135,6 +135,15 @@ def _select() -> dict:
     return {**_DEFAULT_SELECT, **{k: v for k, v in load_config("w4a8_select").items() if k in _DEFAULT_SELECT}}
 
 
+@functools.lru_cache(maxsize=None)
+def _ranges(n: int, k: int, act: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The M ranges of the w16 candidate (measured for this shape, else w16_default) and of fused_pre (measured only)
+    for one shape and activation granularity, looked up once (pick_candidate runs per forward)."""
+    sel = _select()
+    w16 = sel["w16"].get(f"{n}x{k}", {}).get(act, sel["w16_default"] or (0, -1))
+    return tuple(w16), tuple(sel["fused_pre"].get(f"{n}x{k}", {}).get(act, (0, -1)))
+
+
 def fused_config(w: W4A8Weights, m: int, device) -> dict:
     sel = _select()
     cfg = fp8act_config(w.w16, m, device, WIDE_BLOCK_N if m >= sel["fused_wide_min_m"] else None)
@@ -144,11 +153,10 @@ def fused_config(w: W4A8Weights, m: int, device) -> dict:
 def pick_candidate(w: W4A8Weights, m: int, act: str = "token_group", out16: bool = True) -> str:
     """out16: x and the output are the same 16-bit dtype (what the w16 candidate needs)."""
     sel = _select()
-    lo, hi = sel["w16"].get(f"{w.n}x{w.k}", {}).get(act, sel["w16_default"] or (0, -1))  # measured, else default
+    (lo, hi), (pre_lo, pre_hi) = _ranges(w.n, w.k, act)
     if w.w16.qweight.is_cuda and out16 and lo <= m <= hi:  # (measured against every other pick, fused_pre too)
         return "w16"
-    lo, hi = sel["fused_pre"].get(f"{w.n}x{w.k}", {}).get(act, (0, -1))  # measured M range of this shape, if any
-    if w.w16.qweight.is_cuda and lo <= m <= min(hi, FP8_ACT_MAX_M):
+    if w.w16.qweight.is_cuda and pre_lo <= m <= min(pre_hi, FP8_ACT_MAX_M):
         return "fused_pre"
     if m <= min(sel["fused_max_m"], FP8_ACT_MAX_M) or (not w.w16.qweight.is_cuda and m <= FP8_ACT_MAX_M):
         return "fused"

@@ -266,6 +266,11 @@ def test_gpu_cuda_graph_capture_and_replay():
     assert int(w.locks.abs().sum()) == 0
 
 
+def _require_sm90():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma / TMA kernels are sm90 paths")
+
+
 def _gpu_case(m, n, k, g, sym, act, bias, dtype):
     """Canonical weights, their repack, x [m, k] and an optional bias on the GPU."""
     qw, s, z, gi, g = make(n, k, g, sym, act)
@@ -299,8 +304,7 @@ SMALL_TILE = {"path": "wgmma", "BLOCK_N": 64, "BLOCK_M": 64, "num_warps": 4, "nu
                                                   (1, 256, 256, 256, True, False, True),
                                                   (1024, 4096, 4096, 128, True, False, False)])
 def test_gpu_large_m_kernels(dtype, m, n, k, g, sym, act, bias):
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma / TMA kernels are sm90 paths")
+    _require_sm90()
     qw, s, z, gi, g, w, x, b = _gpu_case(m, n, k, g, sym, act, bias, dtype)
     for cfg in LARGE_M_CONFIGS:
         for _ in range(2):  # repeated launches: an operand race would not show every time
@@ -309,8 +313,7 @@ def test_gpu_large_m_kernels(dtype, m, n, k, g, sym, act, bias):
 
 @pytest.mark.gpu
 def test_gpu_large_m_kernels_in_cuda_graphs():
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma / TMA kernels are sm90 paths")
+    _require_sm90()
     qw, s, z, gi, g = make(2048, 4096, 128, True, False)
     w = w4a16_repack(qw, s, z, gi, 4, g, 4096)
     x = torch.randn(384, 4096, device="cuda", dtype=torch.bfloat16)
@@ -335,8 +338,7 @@ def test_gpu_large_m_kernels_in_cuda_graphs():
                                                   (129, 3000, 1000, 128, True, True, True)])
 def test_gpu_wgmma_split_k_and_one_warpgroup_tiles(dtype, m, n, k, g, sym, act, bias):
     """Odd N, K not a multiple of 128, zeros + bias, per-channel, act-order; the split-K counters end at zero."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma kernel is an sm90 path")
+    _require_sm90()
     qw, s, z, gi, g, w, x, b = _gpu_case(m, n, k, g, sym, act, bias, dtype)
     for cfg in SPLIT_CONFIGS + [SMALL_TILE]:
         for _ in range(2):
@@ -420,8 +422,7 @@ def test_gpu_wgmma_stream_k(dtype, m, n, k, g, sym, act, bias):
     """Tiles cut over K at arbitrary block boundaries (one or two tiles per CTA): equal to the reference, bit-equal
     launch after launch and in CUDA-graph replays, counters back at zero (odd N, K not a multiple of 128,
     per-channel, act-order, zeros + bias)."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma kernel is an sm90 path")
+    _require_sm90()
     from lowbit.kernels.w4a16_wgmma import stream_k
 
     qw, s, z, gi, g, w, x, b = _gpu_case(m, n, k, g, sym, act, bias, dtype)
@@ -437,8 +438,7 @@ def test_gpu_wgmma_stream_k(dtype, m, n, k, g, sym, act, bias):
 def test_gpu_wgmma_tail_split(dtype):
     """Whole tiles and K-split tail tiles in one launch: equal to the reference, deterministic, counters back at zero,
     and the same in CUDA-graph replays (odd N, K with a ragged last split, zeros + bias)."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma kernel is an sm90 path")
+    _require_sm90()
     from lowbit.kernels.w4a16_wgmma import tail_split
 
     m, n, k = 300, 1000, 1152
@@ -457,8 +457,7 @@ def test_gpu_wgmma_tail_split(dtype):
 @pytest.mark.parametrize("cfg", SPLIT_CONFIGS)
 def test_gpu_wgmma_split_k_is_deterministic(cfg):
     """The fixed-order reduction gives bit-identical results launch after launch (whichever CTA arrives last)."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma kernel is an sm90 path")
+    _require_sm90()
     qw, s, z, gi, g = make(3000, 4096, 128, False, False)
     w = w4a16_repack(qw, s, z, gi, 4, g, 4096)
     x = torch.randn(200, 4096, device="cuda", dtype=torch.bfloat16)
