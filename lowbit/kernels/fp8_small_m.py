@@ -12,6 +12,13 @@ Tried and measured 9-61% slower on H100 (bench/kernels/fp8.py; 2112x7168, 4096x7
 loading x and the scales one K-block ahead in registers together with summing several partials per load; and
 (2026-11-26) a GEMV form for M = 1..4 - no MMA, each K-block's e4m3 products in fp32 summed over K by tl.sum over a
 [BLOCK_N, M, 128] tile - 2.4-11x slower than the MMA form on 2112x7168 .. 7168x16384 over 48 configs.
+Also not kept (H100, 2026-11-26, fourth session; same sweep, token_group x quantized in-kernel, M = 1 / 16): thinner
+weight tiles over fewer splits, and 2 or 4 K-blocks per loop iteration (more bytes per pipeline stage): 2112x7168
+M = 1 took 17.8 / 13.0 / 11.3 us with 16 / 32 / 64-row tiles (best split, warps, stages each) and 12.5 / 16.7 us with
+2 / 4 K-blocks per iteration; 4096x7168 30.8 / 20.1 / 15.9 us and 17.3 us. The per-K-block x quantization and scale
+work is paid per tile, so thin tiles cost more than their extra bytes in flight give. A bare streaming read of the
+weight bytes timed the same way (best of 40 launch shapes) took 7.7 / 12.3 / 40.9 us on 2112x7168 / 4096x7168 /
+7168x16384: 65 / 79 / 95% of the copy bandwidth, so at these sizes launch and ramp-up latency bound any kernel.
 Every K-block's MMA result is added to the fp32 accumulator separately (sm90 fp8 MMAs keep ~14 bits while
 accumulating, fp8_block.py). In-kernel quantization multiplies by 1 / scale (quant_act.quantize_tile_rcp),
 so a code can differ from quantize_fp8 by one e4m3 step where x / s is within an fp32 ulp of a tie; the GEMM
