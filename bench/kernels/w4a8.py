@@ -6,9 +6,10 @@ per shape. Columns:
   static_us      the same with a static per-tensor scale (W4A8-AWQ)
   w4a16_us       lowbit's w4a16_gemm on the same weights (bf16 x), in the same run
   x_w4a16 / x_w4a16_static = w4a16_us / us / static_us   (>= 1: w4a8 as fast as w4a16)
-  rcp_us         static with the in-kernel x / s as a plain multiply by 1 / s (config exact=False), M = 1, 16
+  exact_us       static with the in-kernel x / s correctly rounded (config exact=True; the default multiplies by
+                 RN(1 / s)), M = 1, 16
   wide_us / wide_static_us   token_group / static on 128-row weight tiles (fp8act_config block_n=128), M = 4..32
-  nopad_static_us  static quantizing all 16 rows of the token tile (row_pad=False), M = 1, 4
+  rowskip_static_us  static quantizing only the token row of the 16-row tile at M = 1 (row_pad=True)
   fused_us / dequant_cublas_us   candidates forced where the selection switches (M > 16), for w4a8_select.json
   dequant_us / dequant_cublas_us   the large-M candidates forced (M >= 128)
   pre_us / pre_static_us   token_group / static with x quantized first (candidate fused_pre), M <= 64
@@ -58,8 +59,8 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
         r = {"shape": name, "N": n, "K": k, "M": m, "cand": pick_candidate(ws[0], m),
              "cand_static": pick_candidate(ws[0], m, "tensor_static")}
         if r["cand"] == "fused":
-            c = fused_config(ws[0], m, x.device)
-            r["cfg"] = f"{c['BLOCK_N']}x{c['BLOCK_M']}/s{c.get('SPLIT_K', 1)}"
+            c = fused_config(ws[0], m, x.device, "token_group")
+            r["cfg"] = f"{c['BLOCK_N']}x{c['BLOCK_M']}/s{c.get('SPLIT_K', 1)}/w{c.get('num_warps', 4)}"
         r["us"] = safe_us([lambda w=w: w4a8_linear(x, w, "token_group") for w in ws])
         r["static_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "tensor_static", static) for w in ws])
         r["w4a16_us"] = safe_us([lambda w=w: w4a16_gemm(x, w.w16) for w in ws])
@@ -72,14 +73,15 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
             r["w16_static_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="w16")
                                           for w in ws])
         if m in (1, 16):
-            r["rcp_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(
-                x, w.w16, "static", static, config=dict(fp8act_config(w.w16, m, x.device), exact=False)) for w in ws])
-        if m in (1, 4):  # every row of the 16-token tile quantized (row_pad off), as before the row skip
-            nopad = dict(fp8act_config(ws[0].w16, m, x.device), row_pad=False)
-            r["nopad_static_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=nopad)
-                                            for w in ws])
+            exact = dict(fused_config(ws[0], m, x.device, "tensor_static"), exact=True)
+            r["exact_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=exact)
+                                     for w in ws])
+        if m == 1:  # only the token row of the 16-token tile quantized (row_pad), off by default
+            skip = dict(fused_config(ws[0], m, x.device, "tensor_static"), row_pad=True)
+            r["rowskip_static_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=skip)
+                                              for w in ws])
         if m in (4, 8, 16, 32):  # 128-row weight tiles (fused_wide_min_m in w4a8_select.json)
-            wide = fp8act_config(ws[0].w16, m, x.device, 128)
+            wide = dict(fp8act_config(ws[0].w16, m, x.device, 128), exact=False, row_pad=False)
             r["wide_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "token_group", config=wide) for w in ws])
             r["wide_static_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=wide)
                                            for w in ws])
@@ -103,8 +105,9 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
             r["x_w4a16_static"] = r["w4a16_us"] / r["static_us"]
         rows.append(r)
         print(f"  {name} M={m}: {r['cand']} {r.get('cfg', '')} token_group {r['us']} us, static {r['static_us']} us, "
-              f"w4a16 {r['w4a16_us']} us, rcp {r.get('rcp_us')}, bf16 {r['bf16_us']}, fp8 cuBLAS {r['cublas_fp8_us']}"
-              f", wide {r.get('wide_us')} / {r.get('wide_static_us')}, no row skip {r.get('nopad_static_us')}, forced "
+              f"w4a16 {r['w4a16_us']} us, exact {r.get('exact_us')}, bf16 {r['bf16_us']}, fp8 cuBLAS "
+              f"{r['cublas_fp8_us']}"
+              f", wide {r.get('wide_us')} / {r.get('wide_static_us')}, row skip {r.get('rowskip_static_us')}, forced "
               f"fused {r.get('fused_us')} dequant_cublas {r.get('dequant_cublas_us')} dequant {r.get('dequant_us')} "
               f"pre {r.get('pre_us')} / static {r.get('pre_static_us')}, w16 {r.get('w16_us')} / static "
               f"{r.get('w16_static_us')}", flush=True)
@@ -113,9 +116,9 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
     return rows
 
 
-COLUMNS = ["shape", "M", "cand", "cfg", "us", "static_us", "w4a16_us", "x_w4a16", "x_w4a16_static", "rcp_us",
-           "wide_us", "wide_static_us", "nopad_static_us", "pct_hbm", "bf16_us", "x_bf16", "cublas_fp8_us", "fused_us",
-           "dequant_cublas_us", "dequant_us", "pre_us", "pre_static_us", "w16_us", "w16_static_us"]
+COLUMNS = ["shape", "M", "cand", "cfg", "us", "static_us", "w4a16_us", "x_w4a16", "x_w4a16_static", "exact_us",
+           "wide_us", "wide_static_us", "rowskip_static_us", "pct_hbm", "bf16_us", "x_bf16", "cublas_fp8_us",
+           "fused_us", "dequant_cublas_us", "dequant_us", "pre_us", "pre_static_us", "w16_us", "w16_static_us"]
 
 
 def main(args) -> None:

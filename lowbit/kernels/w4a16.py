@@ -188,8 +188,9 @@ def _load_x(x_rows, row_ok, perm_ptr, offs_k, Kx, stride_xk, HAS_PERM: tl.conste
 def _fp8_x(xt, pqs_ptr, cols, Kx, s, r, A_FP8: tl.constexpr, HAS_PQS: tl.constexpr, UE8M0: tl.constexpr,
            EXACT: tl.constexpr, SOFT: tl.constexpr):
     """x tile [BM, CPG*W] -> its e4m3 values as exact fp16, and the scale: s (static, rows) or the group's [BM].
-    x / s is IEEE-rounded as in the reference: q = x * r with r = RN(1 / s), then one fma correction, which is
-    the correctly rounded quotient (Markstein's theorem, IBM J. Res. Dev. 34(1), 1990) wherever |q| <= 448."""
+    q = x * r with r = RN(1 / s); EXACT adds one fma correction, the correctly rounded quotient x / s of the
+    reference (Markstein's theorem, IBM J. Res. Dev. 34(1), 1990) wherever |q| <= 448; without it a code can be one
+    e4m3 step off where x / s lies within an fp32 ulp of a rounding tie (as quant_act.quantize_tile_rcp)."""
     if A_FP8 == 1:  # already e4m3: widening is exact
         xq = xt.to(tl.float16)
     else:
@@ -210,13 +211,15 @@ def _fp8_x(xt, pqs_ptr, cols, Kx, s, r, A_FP8: tl.constexpr, HAS_PQS: tl.constex
         else:
             s2 = s + tl.zeros_like(xf)
             r2 = r + tl.zeros_like(xf)
-        if SOFT:  # interpreter: numpy's fp32 division is IEEE already
+        if SOFT and EXACT:  # interpreter: numpy's fp32 division is IEEE already
             q = tl.math.div_rn(xf, s2)
         else:
             q = xf * r2
-            if EXACT:  # residual x - q s is exact in one fma; beyond 1024 the code saturates anyway (and no inf - inf)
+            if EXACT and not SOFT:  # residual x - q s is exact in one fma; beyond 1024 the code saturates anyway
                 q = tl.where(tl.abs(q) < 1024.0, tl.fma(tl.fma(-q, s2, xf), r2, q), q)
-        xq = e4m3_rne(tl.minimum(tl.maximum(q, -448.0), 448.0), SOFT).to(tl.float16)
+        if SOFT:  # the interpreter's integer e4m3 path needs the range; the GPU's cvt.rn.satfinite saturates itself
+            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        xq = e4m3_rne(q, SOFT).to(tl.float16)
     return xq, s
 
 
@@ -404,8 +407,9 @@ def _fused(x2, w: W4A16Weights, bias, cfg: dict, y: torch.Tensor, a_fp8: int = 0
     ws = torch.empty((split, m, w.n), dtype=torch.float32, device=x2.device) if split > 1 else y
     fp8 = {}
     if a_fp8:
-        # in-kernel quantization costs ALU time per row of the token tile: at M = 1 quantize one row, not 16
-        # (H100: 4096x7168 static 11.7 us vs 13.1 us); padding 2..8 rows the same way measured 1.6-2.5x slower
+        # row_pad: at M = 1 quantize one row of the 16-row token tile and zero-pad it (join); paid off with the
+        # exact division + clamp (H100 4096x7168 static 11.7 vs 13.1 us), loses with the multiply-only quantization
+        # (11.2 us unpadded vs 12.1 us padded), so w4a8 turns it off; padding 2..8 rows measured 1.6-3x slower
         pad = ((block_m.bit_length() - 1) if m == 1 and a_fp8 in (A_STATIC, A_TOKEN_GROUP) and cfg.get("row_pad", True)
                else 0)
         fp8 = {"A_FP8": a_fp8, "HAS_PQS": pqs is not None, "UE8M0": ue8m0, "EXACT": cfg.get("exact", True),

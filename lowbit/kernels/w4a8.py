@@ -14,7 +14,11 @@ Candidates (`pick_candidate`; M thresholds in configs/w4a8_select.json, measured
 |----------------|----------------------------------------------------------------------------------------|
 | fused          | the w4a16 decode kernel in fp8-activation mode (w4a16_fp8act.w4a16_gemm_fp8act): int4 unpacked  |
 |                | in registers, x quantized on its load (static / token_group; token and tensor_dynamic   |
-|                | take quantize_fp8 first), exact fp16 MMAs, w4a16's tuned split-K tiles; M <= 64          |
+|                | take quantize_fp8 first), exact fp16 MMAs, w4a16's tuned split-K tiles; M <= 64.        |
+|                | In-kernel codes: e4m3(x * RN(1 / s)) (fused_exact false: one e4m3 step off the          |
+|                | reference where x / s is within an fp32 ulp of a tie, ~0.06% of token_group codes of    |
+|                | randn x); token_group at M in fused_wide8 on 128-row tiles of 8 warps (x quantized once  |
+|                | per 128 weight rows, the 64-row tiles' split-K)                                         |
 | fused_pre      | the same kernel on x quantized first by quantize_fp8 (e4m3_row / e4m3_group modes): no  |
 |                | per-tile quantization (token_group's row amax is a reduction in every weight tile);     |
 |                | static / token_group in the M range fused_pre["NxK"][granularity] measured per shape     |
@@ -35,8 +39,23 @@ the per-element conversions and the tile shuffles dominate. dequant (Triton bloc
 Also not kept (H100, 2026-11-26, third session): fused_pre with the GEMM launched as a programmatic dependent (PDL)
 of quantize_fp8, prefetching its first weight blocks to L2 before griddepcontrol.wait: -0.8 to +2.8 us against the
 plain launch at M = 1..64 on the four quick shapes (prefetching 4 blocks was slower than none).
+Also not kept (H100, fourth session, M = 1..16, bf16 x, four quick shapes; a throwaway sweep of w4a16_gemm_fp8act
+configs timed as bench/kernels/w4a8.py does, each against w4a16 in the same run): the exact-division fix-up and the
+clamp in the in-kernel quantization (cvt.rn.satfinite saturates by itself): static 13.3-13.7 us with both vs
+11.8-13.0 without the clamp vs 11.2-11.6 with neither (4096x7168, w4a16 10.8-11.7), 39.8-40.5 / 33.9-37.7 / 30.5-31.5
+us (7168x16384, w4a16 28.4-29.5); the M = 1 row skip with the multiply-only quantization (static 12.1 vs 11.2 us,
+token_group 14.3 vs 13.0, 4096x7168); zero-padding M = 2..8 rows the same way (static 17.4-26.8 vs 11.2 us);
+in-kernel fake quantization for token_group (xq * s rounded to x.dtype as the operand of the 16-bit MMA in x.dtype,
+no per-group activation scale on the partial: bit-equal to w16 on its config): 13.6-14.1 vs 12.9-13.3 us (4096x7168),
+42.2-44.1 vs 38.3-39.0 (7168x16384); other tiles for token_group (4096x7168 M = 1..16, against 12.2-13.1 us on 128
+rows / 8 warps): 128 rows on 4 warps 13.6-14.5, 256 rows on 8 warps 14.8-15.6, 128 / 256 rows with split-K doubled
+15.6-16.5 / 18.2-20.9, 2 / 4 / 5 stages 13.8-14.5 / 12.9-13.7 / 13.2-14.3, 64 rows on 8 warps 17.5-22.4, the M = 1
+row skip on them 14.2 vs 12.2; for static, 128 rows / 8 warps 12.8-13.5, with split-K doubled 15.8-17.1, 2 / 4 stages
+12.4-12.8 / 11.9-12.4 vs 11.1-12.2 us on the 64-row tiles.
 At M <= 16 the weight stream is the same int4 bytes as w4a16's, so w4a8 can tie w4a16 at best; quantizing x costs
-a launch (fused_pre, w16) or per-tile work (fused): 0.66-0.95x of w4a16 measured (M = 1..16, four shapes).
+a launch (fused_pre, w16) or per-tile work (fused). w4a16_us / w4a8 us at M = 1..16 on the four quick shapes (python -m
+bench.kernels w4a8 --quick --ms 1,2,4,8,16, H100, fourth session): token_group 0.85-0.90x (was 0.69-0.90x), static
+0.92-0.97x (was 0.81-0.94x).
 """
 
 from __future__ import annotations
@@ -57,9 +76,10 @@ from lowbit.kernels.w4a16_fp8act import FP8_ACT_MAX_M, fp8act_config, w4a16_gemm
 
 GROUP_SIZE = 128
 CANDIDATES = ("fused", "fused_pre", "dequant", "dequant_cublas", "w16")
-_DEFAULT_SELECT = {"fused_max_m": 16, "dequant_cublas_min_m": 17, "fused_wide_min_m": 65, "fused_row_skip": True,
-                   "fused_pre": {}, "w16": {}, "w16_default": None}
+_DEFAULT_SELECT = {"fused_max_m": 16, "dequant_cublas_min_m": 17, "fused_wide_min_m": 65, "fused_row_skip": False,
+                   "fused_exact": False, "fused_wide8": {}, "fused_pre": {}, "w16": {}, "w16_default": None}
 WIDE_BLOCK_N = 128  # fused from M = fused_wide_min_m: 128-row weight tiles (half the in-kernel x quantization)
+WIDE8 = {"BLOCK_N": 128, "num_warps": 8}  # fused_wide8 ranges: 128-row tiles on 8 warps, the 64-row tiles' split-K
 CUBLAS_MIN_M = 16  # as fp8_gemm.CUBLAS_BLOCK_MIN_M (1 x 128 x 1 x 128 probed at M = 16, 32, 64, 128)
 _FUSED_MODES = {"tensor_static": "static", "token_group": "token_group"}  # quantized in-kernel
 W16_DTYPES = (torch.float16, torch.bfloat16)
@@ -144,10 +164,15 @@ def _ranges(n: int, k: int, act: str) -> tuple[tuple[int, int], tuple[int, int]]
     return tuple(w16), tuple(sel["fused_pre"].get(f"{n}x{k}", {}).get(act, (0, -1)))
 
 
-def fused_config(w: W4A8Weights, m: int, device) -> dict:
+def fused_config(w: W4A8Weights, m: int, device, act: str | None = None) -> dict:
+    """act: the granularity quantized in-kernel (None: x arrives as e4m3); fused_exact / fused_row_skip / fused_wide8
+    of configs/w4a8_select.json."""
     sel = _select()
     cfg = fp8act_config(w.w16, m, device, WIDE_BLOCK_N if m >= sel["fused_wide_min_m"] else None)
-    return dict(cfg, row_pad=bool(sel["fused_row_skip"]))
+    lo, hi = sel["fused_wide8"].get(act, (0, -1)) if act else (0, -1)
+    if lo <= m <= hi:
+        cfg = dict(cfg, **WIDE8)
+    return dict(cfg, row_pad=bool(sel["fused_row_skip"]), exact=bool(sel["fused_exact"]))
 
 
 def pick_candidate(w: W4A8Weights, m: int, act: str = "token_group", out16: bool = True) -> str:
@@ -211,7 +236,7 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
     if in_kernel:
         scale = input_scale.reshape(1).float() if act_granularity == "tensor_static" else None
         y = w4a16_gemm_fp8act(x2, w.w16, _FUSED_MODES[act_granularity], scale, bias, out_dtype, pre_quant_scale,
-                              ue8m0, fused_config(w, m, x.device))
+                              ue8m0, fused_config(w, m, x.device, act_granularity))
         return y.reshape(*lead, w.n)
     if cand == "w16":
         if not out16:
