@@ -30,6 +30,11 @@ the units (tile, K-block) c * U .. c * U + U - 1 in tile-major order, at most tw
 cut tiles meet in the workspace as above. H100, 16 sweep shapes at M = 64..1024: faster than the tuned entry on two
 points (5120x8192 M = 256: 60.0 -> 53.4 us; 8192x8192 M = 64: 28.5 -> 27.1 us), slower on most (4608x3584 M = 256:
 29.5 vs 26.3 us): two pipeline fills per CTA and the fix-up cost more than the idle SMs they recover.
+Split-K on one-wave grids (H100, fourth session, 10 points from 4608x3584 to 18944x3584 at M = 256 / 512, five tile
+shapes): SPLIT_K 2 / 3 lost everywhere, e.g. 3584x3584 M = 512 on 128 x 128 tiles 26.9 -> 45.1 / 50.9 us (cuBLAS
+19.1). ncu: those tiles hold one CTA per SM (163.9 KB of shared memory; 147.5 KB for 64 x 128 on 4 stages), so 224
+split CTAs run as two waves of half tiles, no shorter than one wave of whole ones, and the fix-up comes on top; a
+busy SM computes 4.4 TFLOP/s there, cuBLAS 5.2 on each of the 132. _slots counts the CTAs shared memory admits.
 Tried and not kept (H100, 2026-11-26): moving the stage refill after the wgmma wait (a barrier there instead of
 before the wgmma: refills STAGES - 1 blocks ahead) was slower on most shapes (10240x5120 M = 512: 103 -> 134 us);
 a Gluon warp_specialize version (a TMA producer warp, two independent consumer warpgroups, mbarrier ready/empty
@@ -68,6 +73,7 @@ from lowbit.kernels.w4a16_tune import num_sms
 
 TAIL_MIN_KB = 4  # a split tile's pieces walk at least this many K-blocks (each writes a BN x BM fp32 partial)
 SK_MIN_KB = 4  # stream-K: K-blocks per CTA at least
+SMEM_PER_SM = 228 * 1024  # sm90 (H100 / H200) shared memory per SM
 SK_MAX_BLOCK_M = 128  # stream-K's two inlined tile pipelines: at BLOCK_M = 256 ptxas serializes the wgmmas (C7512)
 
 # same PTX as w4a16.py: index 8 * scaled + 4 * bf16 + pair
@@ -366,10 +372,21 @@ def _epilogue(acc, s_v, bias_ptr, y_ptr, M, N, stride_ym, m0, n0, ONE_GROUP: gl.
     gl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(offs_on < N)[:, None] & (offs_om < M)[None, :])
 
 
+def smem_bytes(cfg: dict, block_k: int = 128, words: int = 16) -> int:
+    """Shared memory of one CTA: STAGES x (x tile + packed weight tile), the A tiles without RS, and ~4 KB of
+    barriers and alignment (ncu, H100: 147.5 KB for 64 x 128 tiles / 4 stages, 163.9 KB for 128 x 128 / 4)."""
+    stages = int(cfg.get("num_stages", 3))
+    a = 0 if cfg.get("RS", False) else 2 * cfg["BLOCK_N"] * block_k * 2
+    return stages * (cfg["BLOCK_M"] * block_k * 2 + cfg["BLOCK_N"] * words * 4) + a + 4096
+
+
 def _slots(cfg: dict, device) -> int:
-    """CTA slots of the GPU for this tile config: SMs x CTAs one SM holds (BLOCK_N = 64: one warpgroup, <= 110 KB
-    shared, two; else one); TAIL_SLOTS overrides it (tests)."""
-    per_sm = int(cfg.get("ctas_per_sm", 2 if cfg["BLOCK_N"] == 64 and cfg["BLOCK_M"] <= 128 else 1))
+    """CTA slots of the GPU for this tile config: SMs x CTAs one SM holds. BLOCK_N = 64 (one warpgroup, <= 235
+    registers) fits two where their shared memory does (SMEM_PER_SM, 1 KB reserved per CTA), else one: 64 x 128
+    tiles on 4 stages take 147.5 KB, one per SM (ncu: block limit shared mem 1), so a grid of 224 of them runs in two
+    waves; TAIL_SLOTS overrides it (tests)."""
+    fits_two = cfg["BLOCK_N"] == 64 and 2 * (smem_bytes(cfg) + 1024) <= SMEM_PER_SM
+    per_sm = int(cfg.get("ctas_per_sm", 2 if fits_two else 1))
     return int(cfg.get("TAIL_SLOTS", 0)) or num_sms(device) * per_sm
 
 

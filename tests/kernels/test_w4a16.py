@@ -295,6 +295,20 @@ SPLIT_CONFIGS = [  # wgmma split-K (fp32 partials, the tile's last CTA reduces);
 SMALL_TILE = {"path": "wgmma", "BLOCK_N": 64, "BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "RS": True}  # 1 warpgroup
 
 
+
+def test_cta_slots_follow_shared_memory():
+    """Two one-warpgroup CTAs share an SM only where both fit its shared memory (64 x 128 tiles on 4 stages take
+    ~148 KB: one per SM); 128-row tiles (two warpgroups) always one."""
+    from lowbit.kernels.w4a16_wgmma import _slots, tail_split
+
+    sms = 4  # w4a16_tune.num_sms off the GPU
+    assert _slots(_wg(64, 128, 4), "cpu") == sms
+    assert _slots(_wg(64, 128, 3), "cpu") == 2 * sms
+    assert _slots(_wg(64, 64, 4), "cpu") == 2 * sms
+    assert _slots(_wg(128, 64, 3), "cpu") == sms
+    # 10 tiles on 4 one-CTA SMs: 2 waves and 2 tiles, split 2 ways to fill the third wave's 4 slots
+    assert tail_split(10, 28, _wg(64, 128, 4, TAIL_SPLIT=True), "cpu") == (8, 2)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k,g,sym,act,bias", [(300, 1000, 1152, 128, False, False, True),
