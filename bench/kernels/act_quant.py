@@ -74,17 +74,19 @@ def main(args) -> None:
     roof = rooflines()
     print(f"rooflines: {roof}")
     rows = []
+    ms = [int(v) for v in args.ms.split(",")] if getattr(args, "ms", None) else None  # --ms 8192: the case
     for op, k in CASES[:2] + CASES[3:4] if args.quick else CASES:
-        for m in [1, 8192] if args.quick else M_ALL:
+        for m in ms or ([1, 8192] if args.quick else M_ALL):
             for gran in GRANS:
                 rows.append(bench_case(op, k, m, gran, roof))
                 r = rows[-1]
                 print(f"  {op} M={m} K={k} {gran}: {r['us']} us, {r.get('pct_copy') or 0:.0f}% of copy", flush=True)
-    for m in [1, 16, 2048, 8192]:  # torch_ref_us here: unfused SiLU-mul, then the same GEMM quantizing its input
+    for m in [v for v in [1, 16, 2048, 8192] if not ms or v in ms]:
+        # torch_ref_us here: unfused SiLU-mul, then the same GEMM quantizing its input
         for gran in ("token", "token_group"):
             rows.append(bench_mlp_down(m, gran))
             print(f"  mlp_down M={m} {gran}: fused {rows[-1]['us']} us, unfused {rows[-1]['torch_ref_us']} us", flush=True)
     print_table(rows, ["op", "M", "K", "gran", "us", "GBps", "pct_copy", "torch_ref_us", "x_torch"])
-    payload = {"rooflines": roof, "rows": rows, "quick": bool(args.quick), "dtype": "bfloat16",
+    payload = {"rooflines": roof, "rows": rows, "quick": bool(args.quick), "ms": ms, "dtype": "bfloat16",
                "timing": "CUDA graph replay over rotated inputs"}
     print("saved", save_section("act_quant", payload, args.out))

@@ -19,6 +19,22 @@ silu_mul_quantize_fp8 takes x [M, 2I] = gate | up and returns xq [M, I] with the
 Under TRITON_INTERPRET the CPU interpreter's fp32 -> e4m3 cast does not round correctly, so the kernels
 build the e4m3 bits with integer arithmetic there (SOFT_CAST); on the GPU the hardware cvt.rn.satfinite.
 The jit helpers `fp8_scale` and `quantize_tile_rcp` are shared with the GEMM kernels that quantize in-kernel.
+
+tensor_dynamic is two launches after a 4-byte memset: amax_kernel (one atomic_max per program; from M = 1024 one
+program per row walks K in 1024-element steps: 43.2 -> 41.4 us alone at 8192 x 7168 bf16, whole op 108.0 -> 106.5 us,
+SiLU 8192 x 18432 532 -> 489 us, H100, same run), then quant_fp8_rows_kernel MODE 1, which reads x again. x
+(117 MB there) exceeds the L2, so the bytes moved are 2 + 2 + 1 per element against 2 + 1 counted: <= ~60% of copy.
+Tried, measured, not kept (H100, CUDA-graph replay, 8192 x 7168 bf16, 2026-11-26; static 59.5 us, amax alone 43.7):
+- L2 reuse across the two launches: the quantize pass in reverse row order, the amax pass's last 24-40 MB loaded
+  with evict_last (the rest evict_first), the quantize pass's loads/stores evict_first or not: 100.3-103.9 us
+  against 103.3-103.8 all-forward, evict_first everywhere. The L2 keeps at most ~3 us worth of x between passes.
+- One persistent launch (grid = co-resident programs, tiles interleaved over programs, pass 1 amax into per-program
+  partials, a self-resetting atomic-counter grid barrier, pass 2 over the same tiles in reverse with evict_last on
+  the last 0-48 MB of pass 1; prefetching the next tile; 8x1024 / 1x8192 / 16x1024 tiles, 1-8 programs per SM):
+  109.4-119.7 us against 107.7-109.3 us for the two launches; the evict_last window size changed nothing.
+- amax pass: 2-32 rows x 512-2048 columns per program, or per-program partials instead of atomics (with the
+  quantize pass reducing them): 40.5-49.7 us alone, 104.8-113.4 us whole against 107.9 in that run (within noise
+  of the shape kept; 2-row quantize programs cost 4-6 us more).
 """
 
 from __future__ import annotations
@@ -38,6 +54,9 @@ _IN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ROWS_MAX_SINGLE_K = 16384  # up to this K a token row is read once (amax and quantize from registers)
 ROWS_BLOCK_K_LOOP = 4096  # beyond it: two passes over BLOCK_K chunks (the second mostly hits L2)
 GROUP_TILE_ELEMS = 4096  # token_group programs cover BLOCK_M x BLOCK_G groups of G
+AMAX_BLOCK_K = 1024  # tensor_dynamic amax pass: 1024-element steps (2 KB of bf16 per program per step)
+AMAX_ROWS_MIN_M = 1024  # from this M one program per row walks all of K; below it programs split K ...
+AMAX_SPLIT_K = 1024  # ... in AMAX_SPLIT_K columns, so small M still spreads over the SMs
 
 
 def soft_cast() -> bool:
@@ -191,15 +210,20 @@ def quant_fp8_groups_kernel(
 
 
 @triton.jit
-def amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, stride_xk,
+def amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, stride_xk, K_SPLIT,
                 SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """amax over [M, K] (of h for SILU) into amax_ptr[0] (zeroed by the caller), one atomic per program."""
+    """amax over [M, K] (of h for SILU) into amax_ptr[0] (zeroed by the caller), one atomic per program; program
+    (i, j) covers rows [i * BLOCK_M, +BLOCK_M) and columns [j * K_SPLIT, +K_SPLIT) in BLOCK_K steps."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    h = _load_act(ptrs, mask, K * stride_xk, SILU)
-    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(h), axis=1), axis=0))
+    k_lo = tl.program_id(1) * K_SPLIT
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for k0 in range(k_lo, tl.minimum(K, k_lo + K_SPLIT), BLOCK_K):
+        mask = (offs_m[:, None] < M) & (k0 + offs_k[None, :] < K) & (k0 + offs_k[None, :] < k_lo + K_SPLIT)
+        h = _load_act(rows + (k0 + offs_k[None, :]) * stride_xk, mask, K * stride_xk, SILU)
+        acc = tl.maximum(acc, tl.abs(h))
+    tl.atomic_max(amax_ptr, tl.max(tl.max(acc, axis=1), axis=0))
 
 
 def _check(x: torch.Tensor, granularity: str, scale, group_size: int, what: str) -> None:
@@ -246,10 +270,12 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
         mode, s_out = 1, torch.empty(1, dtype=torch.float32, device=x.device)
         amax = torch.zeros(1, dtype=torch.float32, device=x.device)
         if m and k:
-            bk = min(block_k, 4096)
-            bm = max(1, 4096 // bk)
-            amax_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](x, amax, m, k, x.stride(0), x.stride(1),
-                                                                  SILU=silu, BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
+            bk = min(triton.next_power_of_2(k), AMAX_BLOCK_K)
+            bm = max(1, AMAX_BLOCK_K // bk)
+            # whole rows per program once M fills the GPU (fewer atomics, loads in flight over the K loop)
+            split = k if m >= AMAX_ROWS_MIN_M else AMAX_SPLIT_K
+            amax_kernel[(triton.cdiv(m, bm), triton.cdiv(k, split))](x, amax, m, k, x.stride(0), x.stride(1), split,
+                                                                     SILU=silu, BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
         else:
             s_out.fill_(1e-12)
     else:

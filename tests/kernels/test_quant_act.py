@@ -91,6 +91,17 @@ def test_quantize_ue8m0_and_column_major_scales():
     assert torch.equal(torch.log2(s), torch.log2(s).round())  # powers of two
 
 
+@pytest.mark.parametrize("rows_min_m", [1, 1 << 30])
+def test_quantize_tensor_dynamic_amax_launch_shapes(monkeypatch, rows_min_m):
+    """The amax pass walks whole rows (large M) or splits K over programs (small M); both give the reference scale."""
+    from lowbit.kernels import quant_act
+
+    monkeypatch.setattr(quant_act, "AMAX_ROWS_MIN_M", rows_min_m)
+    _check_exact(_data(3, 2500, torch.bfloat16), "tensor_dynamic")  # K: 2 full 1024 steps and a partial one
+    _check_exact(_data(6, 700, torch.float16)[::2, 50:650], "tensor_dynamic")  # strided rows, offset columns
+    _check_silu(torch.randn(3, 2 * 1100, generator=torch.Generator().manual_seed(2)).to(DEV) * 3, "tensor_dynamic")
+
+
 def test_quantize_noncontiguous_input():
     base = _data(6, 700, torch.float32)
     x = base[::2, 50:650]  # row stride 1400, column offset
@@ -171,6 +182,23 @@ def test_gpu_quantize_ue8m0_large():
 def test_gpu_silu_mul_quantize(gran, dtype):
     x = torch.randn(77, 2 * 2048, device="cuda").to(dtype) * 3
     _check_silu(x, gran)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2048, 7168), (1100, 16500)])
+def test_gpu_tensor_dynamic_large_m(shape):
+    """M >= AMAX_ROWS_MIN_M: the amax pass walks whole rows; direct, then replayed from a CUDA graph on new data."""
+    x = _data(*shape, torch.bfloat16, device="cuda")
+    _check_exact(x, "tensor_dynamic")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q, s = quantize_fp8(x, "tensor_dynamic")
+    for seed in (5, 6):  # repeated replays: the amax is re-zeroed every call
+        x.copy_(_data(*shape, torch.bfloat16, device="cuda", seed=seed) * seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        qr, sr = quantize_fp8_ref(x, "tensor_dynamic")
+        assert torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
 
 
 @pytest.mark.gpu
