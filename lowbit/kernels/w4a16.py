@@ -52,7 +52,7 @@ import triton.language as tl
 
 from lowbit.kernels.w4a16_layout import (SUPPORTED_DTYPES, W4A16Weights, w4a16_can_implement,  # noqa: F401
                                          w4a16_repack)
-from lowbit.kernels.quant_act import e4m3_rne, fp8_scale
+from lowbit.kernels.quant_act import e4m3_sat, fp8_scale
 from lowbit.kernels.w4a16_tune import heuristic, interpreting, select_config, wgmma_ok
 
 # opt-in fp8 activations (A_FP8; 0 = the 16-bit w4a16 GEMM): x quantized to e4m3 as reference.quantize_fp8_ref;
@@ -217,9 +217,7 @@ def _fp8_x(xt, pqs_ptr, cols, Kx, s, r, A_FP8: tl.constexpr, HAS_PQS: tl.constex
             q = xf * r2
             if EXACT and not SOFT:  # residual x - q s is exact in one fma; beyond 1024 the code saturates anyway
                 q = tl.where(tl.abs(q) < 1024.0, tl.fma(tl.fma(-q, s2, xf), r2, q), q)
-        if SOFT:  # the interpreter's integer e4m3 path needs the range; the GPU's cvt.rn.satfinite saturates itself
-            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        xq = e4m3_rne(q, SOFT).to(tl.float16)
+        xq = e4m3_sat(q, SOFT).to(tl.float16)  # (saturating: the GPU's cvt.rn.satfinite, no clamp)
     return xq, s
 
 

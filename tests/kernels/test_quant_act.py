@@ -172,6 +172,33 @@ def test_gpu_quantize_exact(gran, dtype, shape):
 
 
 @pytest.mark.gpu
+def test_gpu_quantize_saturates_without_clamp_and_keeps_nan():
+    """The GPU path has no explicit clamp (cvt.rn.satfinite saturates): out-of-range codes are +-448 and NaN stays
+    NaN, as in the reference (torch.clamp propagates NaN), in the standalone kernels and the w4a8 in-kernel path."""
+    from lowbit.kernels.w4a16 import w4a16_repack
+    from lowbit.kernels.w4a16_fp8act import w4a16_gemm_fp8act
+
+    x = torch.tensor([[1000.0, -1000.0, float("nan"), 0.5, 448.5, -449.0, 3e38, 0.0]], device="cuda")
+    x = torch.cat([x, torch.zeros(1, 120, device="cuda")], 1)
+    one = torch.tensor([1.0], device="cuda")
+    q, _ = quantize_fp8(x, "tensor_static", one)
+    q_ref, _ = quantize_fp8_ref(x, "tensor_static", one)
+    assert q[0, :8].float().tolist()[:2] == [448.0, -448.0]
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    # the w4a8 decode kernel quantizes the same row in-kernel: with unit int4 weights in column c only, y = code * 1
+    qw = torch.full((8, 16), 0x88888888 - 2**32, dtype=torch.int32, device="cuda")  # q = 8: weight 0 everywhere
+    qw[:, 0] = 0x88888889 - 2**32  # column 0 of every row: q = 9, weight 1
+    w = w4a16_repack(qw, torch.ones(8, 1, device="cuda", dtype=torch.float16), None, None, 4, 128, 128)
+    for c in range(8):
+        xc = torch.zeros_like(x)
+        xc[0, 0] = x[0, c]
+        y = w4a16_gemm_fp8act(xc.half() if c != 6 else xc, w, "static", one, out_dtype=torch.float32,
+                              config={"path": "fused", "BLOCK_N": 64, "BLOCK_M": 16, "exact": False})
+        want = q_ref[0, c].float()
+        assert (torch.isnan(y[0, 0]) and torch.isnan(want)) or y[0, 0] == want, (c, y[0, 0].item(), want.item())
+
+
+@pytest.mark.gpu
 def test_gpu_quantize_ue8m0_large():
     _check_exact(_data(300, 7168, torch.bfloat16, device="cuda"), "token_group", ue8m0=True, column_major=True)
 
