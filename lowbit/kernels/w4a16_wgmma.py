@@ -35,6 +35,9 @@ shapes): SPLIT_K 2 / 3 lost everywhere, e.g. 3584x3584 M = 512 on 128 x 128 tile
 19.1). ncu: those tiles hold one CTA per SM (163.9 KB of shared memory; 147.5 KB for 64 x 128 on 4 stages), so 224
 split CTAs run as two waves of half tiles, no shorter than one wave of whole ones, and the fix-up comes on top; a
 busy SM computes 4.4 TFLOP/s there, cuBLAS 5.2 on each of the 132. _slots counts the CTAs shared memory admits.
+Two CTAs per SM instead (64 x 128 tiles on 3 stages, 112 KB each; plain, tail split or stream-K; 19 points at
+M = 128..1024): slower than the table's pick on all 19, e.g. 3584x3584 M = 512 29.6 vs 26.5 us, 5120x8192 M = 512
+96.7 vs 83.2 us; 64 x 256 tiles on one warpgroup were slower still.
 Tried and not kept (H100, 2026-11-26): moving the stage refill after the wgmma wait (a barrier there instead of
 before the wgmma: refills STAGES - 1 blocks ahead) was slower on most shapes (10240x5120 M = 512: 103 -> 134 us);
 a Gluon warp_specialize version (a TMA producer warp, two independent consumer warpgroups, mbarrier ready/empty
