@@ -149,30 +149,26 @@ def fp8_wgmma_kernel(x_desc, w_desc, sa_ptr, sb_ptr, bias_ptr, y_ptr, ws_ptr, lo
     sa_g = sa_ptr + kb0 * stride_sak  # this CTA's blocks start at kb0
     sb_g = sb_ptr + (n0 // 128) * stride_sbn + kb0 * stride_sbk
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, ACC_L)
-    if OVERLAP:  # two partials: the next block's wgmma runs during a promotion (3 fp32 tiles in registers)
+    if OVERLAP:  # blocks in pairs: both wgmmas issued, the first promoted while the second runs
         t0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, ACC_L)
         t1 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, ACC_L)
-        f = _scales(sa_g, sb_g, 0, offs_m, M, stride_sam, stride_sak, stride_sbk)
-        t0 = _issue(0, t0, x_smem, w_smem, bars, STAGES)
-        for kb in range(1, num_kb - 1, 2):  # unrolled by two: block kb's wgmma into one, block kb - 1 promoted
-            f_next = _scales(sa_g, sb_g, kb, offs_m, M, stride_sam, stride_sak, stride_sbk)
-            t1 = _issue(kb, t1, x_smem, w_smem, bars, STAGES)
-            t0, acc = _retire(kb - 1, t0, acc, f, x_desc, w_desc, x_smem, w_smem, bars, m0, n0, kb0, num_kb, STAGES)
-            f = _scales(sa_g, sb_g, kb + 1, offs_m, M, stride_sam, stride_sak, stride_sbk)
-            t0 = _issue(kb + 1, t0, x_smem, w_smem, bars, STAGES)
-            t1, acc = _retire(kb, t1, acc, f_next, x_desc, w_desc, x_smem, w_smem, bars, m0, n0, kb0, num_kb,
-                              STAGES)
-        if num_kb % 2 == 0:  # one block left: issue it, promote the one before, then it (new names: a token is
-            # not a tensor, and a branch may not change a variable's type)
+        for kb in range(0, num_kb - 1, 2):
+            f0 = _scales(sa_g, sb_g, kb, offs_m, M, stride_sam, stride_sak, stride_sbk)
+            f1 = _scales(sa_g, sb_g, kb + 1, offs_m, M, stride_sam, stride_sak, stride_sbk)
+            tok0 = _issue(kb, t0, x_smem, w_smem, bars, STAGES)
+            tok1 = _issue(kb + 1, t1, x_smem, w_smem, bars, STAGES)
+            t0 = warpgroup_mma_wait(num_outstanding=1, deps=(tok0,))
+            acc = acc + t0 * f0[:, None]
+            t1 = warpgroup_mma_wait(num_outstanding=0, deps=(tok1,))
+            gl.thread_barrier()  # both blocks' wgmmas retired in every warpgroup: their stages take the next two
+            _refill(kb + STAGES, x_desc, w_desc, x_smem, w_smem, bars, m0, n0, kb0, num_kb, STAGES)
+            _refill(kb + 1 + STAGES, x_desc, w_desc, x_smem, w_smem, bars, m0, n0, kb0, num_kb, STAGES)
+            acc = acc + t1 * f1[:, None]
+        if num_kb % 2 == 1:
             f_last = _scales(sa_g, sb_g, num_kb - 1, offs_m, M, stride_sam, stride_sak, stride_sbk)
-            t_last = _issue(num_kb - 1, t1, x_smem, w_smem, bars, STAGES)
-            r0, acc = _retire(num_kb - 2, t0, acc, f, x_desc, w_desc, x_smem, w_smem, bars, m0, n0, kb0, num_kb,
-                              STAGES)
-            r1 = warpgroup_mma_wait(num_outstanding=0, deps=(t_last,))
-            acc = acc + r1 * f_last[:, None]
-        else:
-            r0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0,))
-            acc = acc + r0 * f[:, None]
+            tok = _issue(num_kb - 1, t0, x_smem, w_smem, bars, STAGES)
+            r0 = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+            acc = acc + r0 * f_last[:, None]
     else:  # one partial: wgmma, wait, promote
         t = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, ACC_L)
         for kb in range(0, num_kb):
