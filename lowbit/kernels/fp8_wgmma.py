@@ -192,6 +192,100 @@ def fp8_wgmma_kernel(x_desc, w_desc, sa_ptr, sb_ptr, bias_ptr, y_ptr, ws_ptr, lo
         _store(acc, bias_ptr, y_ptr, M, N, stride_ym, m0, n0, HAS_BIAS, BLOCK_M, BLOCK_N, OUT_L)
 
 
+@gluon.jit
+def _ws_load(x_desc, w_desc, x_smem, w_smem, ready, empty, m0, n0, kb0, num_kb, STAGES: gl.constexpr,
+             HALF: gl.constexpr):
+    """Producer warp: K-block kb's two 64-token halves of x and the weight tile into stage kb % STAGES once both
+    consumers released it (empty, count 2; the first pass through the ring waits on the opposite parity: free)."""
+    NBYTES: gl.constexpr = 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes
+    for kb in range(0, num_kb):
+        st = kb % STAGES
+        mbarrier.wait(empty.index(st), ((kb // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(st), NBYTES)
+        k = (kb0 + kb) * 128
+        tma.async_copy_global_to_shared(x_desc, [m0, k], ready.index(st), x_smem.index(2 * st))
+        tma.async_copy_global_to_shared(x_desc, [m0 + HALF, k], ready.index(st), x_smem.index(2 * st + 1))
+        tma.async_copy_global_to_shared(w_desc, [n0, k], ready.index(st), w_smem.index(st))
+
+
+@gluon.jit
+def _ws_math(c: gl.constexpr, x_smem, w_smem, ready, empty, sa_ptr, sb_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, M, N,
+             stride_ym, stride_sam, stride_sak, stride_sbn, stride_sbk, m0, n0, kb0, num_kb, in_split, st_id,
+             n_split_tiles, sp, splits, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr,
+             STAGES: gl.constexpr, SPLIT: gl.constexpr):
+    """Consumer warpgroup c: tokens m0 + c * HALF .. + HALF of the tile; per K-block wgmma, wait, release the stage,
+    promote. The two consumers are not synchronized with each other, so one promotes while the other's wgmma runs."""
+    ACC_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, BLOCK_N, 32])
+    OUT_L: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    mh = m0 + c * HALF
+    offs_m = mh + gl.arange(0, HALF, layout=gl.SliceLayout(1, ACC_L))
+    sa_g = sa_ptr + kb0 * stride_sak
+    sb_g = sb_ptr + (n0 // 128) * stride_sbn + kb0 * stride_sbk
+    acc = gl.zeros([HALF, BLOCK_N], gl.float32, ACC_L)
+    t = gl.zeros([HALF, BLOCK_N], gl.float32, ACC_L)
+    for kb in range(0, num_kb):
+        st = kb % STAGES
+        f = _scales(sa_g, sb_g, kb, offs_m, M, stride_sam, stride_sak, stride_sbk)
+        mbarrier.wait(ready.index(st), (kb // STAGES) & 1)
+        tok = warpgroup_mma(x_smem.index(2 * st + c), w_smem.index(st).permute((1, 0)), t, use_acc=False,
+                            is_async=True)
+        t = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+        mbarrier.arrive(empty.index(st), count=1)
+        acc = acc + t * f[:, None]
+    if SPLIT:
+        if in_split:  # each half of a split tile is its own piece set: ticket and slots 2 * st_id + c
+            _finish_split(acc, ws_ptr, lock_ptr + 2 * st_id + c, 2 * st_id + c, 2 * n_split_tiles, sp, splits,
+                          bias_ptr, y_ptr, M, N, stride_ym, mh, n0, HAS_BIAS, HALF, BLOCK_N, ACC_L, OUT_L)
+        else:
+            _store(acc, bias_ptr, y_ptr, M, N, stride_ym, mh, n0, HAS_BIAS, HALF, BLOCK_N, OUT_L)
+    else:
+        _store(acc, bias_ptr, y_ptr, M, N, stride_ym, mh, n0, HAS_BIAS, HALF, BLOCK_N, OUT_L)
+
+
+@gluon.jit
+def fp8_ws_kernel(x_desc, w_desc, sa_ptr, sb_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, M, N, stride_ym, stride_sam,
+                  stride_sak, stride_sbn, stride_sbk, total_kb, kb_per_split, full_tiles, splits,
+                  HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr,
+                  STAGES: gl.constexpr, SPLIT: gl.constexpr, MATH_REGS: gl.constexpr):
+    """Warp-specialized: a TMA producer warp and two consumer warpgroups (the default partition and a worker) with
+    ready / empty mbarrier rings; tiles, tail split and scales as fp8_wgmma_kernel (x in two 64-token halves)."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    pid = gl.program_id(0)
+    in_split = pid >= full_tiles
+    r = gl.maximum(pid - full_tiles, 0)
+    tile = gl.where(in_split, full_tiles + r // splits, pid)
+    sp = gl.where(in_split, r % splits, 0)
+    kb0 = sp * kb_per_split
+    num_kb = gl.where(in_split, gl.minimum(kb_per_split, total_kb - kb0), total_kb)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (tile // width) * GROUP_M
+    rows_m = gl.minimum(gl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    m0 = (first_m + (tile % width) % rows_m) * BLOCK_M
+    n0 = ((tile % width) // rows_m) * BLOCK_N
+    st_id = tile - full_tiles
+    n_split_tiles = (gl.num_programs(0) - full_tiles) // splits
+
+    x_smem = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, HALF, 128], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, 128], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    # (argument tuples written out: `+` on tuples in a kernel drops the constexpr-ness warp_specialize needs)
+    gl.warp_specialize([
+        (_ws_math, (0, x_smem, w_smem, ready, empty, sa_ptr, sb_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, M, N,
+                    stride_ym, stride_sam, stride_sak, stride_sbn, stride_sbk, m0, n0, kb0, num_kb, in_split, st_id,
+                    n_split_tiles, sp, splits, HAS_BIAS, BLOCK_N, HALF, STAGES, SPLIT)),
+        (_ws_math, (1, x_smem, w_smem, ready, empty, sa_ptr, sb_ptr, bias_ptr, y_ptr, ws_ptr, lock_ptr, M, N,
+                    stride_ym, stride_sam, stride_sak, stride_sbn, stride_sbk, m0, n0, kb0, num_kb, in_split, st_id,
+                    n_split_tiles, sp, splits, HAS_BIAS, BLOCK_N, HALF, STAGES, SPLIT)),
+        (_ws_load, (x_desc, w_desc, x_smem, w_smem, ready, empty, m0, n0, kb0, num_kb, STAGES, HALF))],
+        [4, 1], [MATH_REGS, 40])
+
+
 def fp8_wgmma_ok(xq: torch.Tensor, weight: torch.Tensor, cublas_grid: bool) -> bool:
     """sm90, 128-row weight blocks aligned to the fused rows, TMA-able rows (16-byte strides)."""
     return (xq.is_cuda and torch.cuda.get_device_capability(xq.device)[0] == 9 and cublas_grid
@@ -209,29 +303,39 @@ def fp8_wgmma_gemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, gri
     m, k = xq.shape
     n = weight.shape[0]
     bn, bm = cfg["BLOCK_N"], cfg["BLOCK_M"]
-    if bn != 128 or bm not in (64, 128) or bm != 16 * cfg["num_warps"]:
+    if bn != 128 or bm not in (64, 128) or (bm != 16 * cfg["num_warps"] and not cfg.get("WS")) or (
+            cfg.get("WS") and bm != 128):
         raise ValueError(f"fp8_wgmma_gemm: tiles {bm} x {bn} on {cfg['num_warps']} warps are not supported; supported: "
                          f"BLOCK_N 128 (the weight scale blocks), BLOCK_M 64 / 128 on 4 / 8 warps (64 tokens per "
                          f"warpgroup)")
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0:
         return y
-    x_layout = gl.NVMMASharedLayout.get_default_for([bm, BLOCK_K], gl.float8e4nv)
+    ws_mode = bool(cfg.get("WS", False))
+    bx = bm // 2 if ws_mode else bm  # warp-specialized: x arrives in two 64-token halves, one per consumer
+    x_layout = gl.NVMMASharedLayout.get_default_for([bx, BLOCK_K], gl.float8e4nv)
     w_layout = gl.NVMMASharedLayout.get_default_for([bn, BLOCK_K], gl.float8e4nv)
-    x_desc = TensorDescriptor.from_tensor(xq, [bm, BLOCK_K], x_layout)
+    x_desc = TensorDescriptor.from_tensor(xq, [bx, BLOCK_K], x_layout)
     w_desc = TensorDescriptor.from_tensor(weight, [bn, BLOCK_K], w_layout)
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
     num_kb = triton.cdiv(k, BLOCK_K)
     if "ctas_per_sm" not in cfg:  # (64-token tiles on one warpgroup: two CTAs share an SM, ~96 KB and 154 registers)
         cfg["ctas_per_sm"] = 2 if bm <= 64 and cfg["num_warps"] == 4 and cfg["num_stages"] <= 4 else 1
     full, split = tail_split(tiles, num_kb, cfg, xq.device)
-    if tiles - full > locks.numel():
+    if (tiles - full) * (2 if ws_mode else 1) > locks.numel():
         full, split = tiles, 1  # more split tiles than counters
     kb_per_split = triton.cdiv(num_kb, split)
     split = triton.cdiv(num_kb, kb_per_split)  # no empty splits
     if split == 1:
         full = tiles
     ws = torch.empty((split * (tiles - full) * bn * bm,), dtype=torch.float32, device=xq.device) if split > 1 else y
+    if ws_mode:
+        fp8_ws_kernel[(full + (tiles - full) * split,)](
+            x_desc, w_desc, xs, grid, bias if bias is not None else y, y, ws, locks, m, n, y.stride(0), xs.stride(0),
+            xs.stride(1), grid.stride(0), grid.stride(1), num_kb, kb_per_split, full, split,
+            HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_M=bm, GROUP_M=cfg["GROUP_M"], STAGES=cfg["num_stages"],
+            SPLIT=split > 1, MATH_REGS=cfg.get("MATH_REGS", 224), num_warps=4)
+        return y
     fp8_wgmma_kernel[(full + (tiles - full) * split,)](
         x_desc, w_desc, xs, grid, bias if bias is not None else y, y, ws, locks, m, n, y.stride(0), xs.stride(0),
         xs.stride(1), grid.stride(0), grid.stride(1), num_kb, kb_per_split, full, split, HAS_BIAS=bias is not None,

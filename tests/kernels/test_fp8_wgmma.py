@@ -27,7 +27,7 @@ def _case(m, n, k, shards, seed=0):
 
 
 CONFIGS = [{}, {"BLOCK_M": 64, "num_warps": 4}, {"OVERLAP": True}, {"num_stages": 3, "TAIL_SPLIT": False},
-           {"TAIL_SPLIT": True, "TAIL_SLOTS": 3}]
+           {"TAIL_SPLIT": True, "TAIL_SLOTS": 3}, {"WS": True}, {"WS": True, "TAIL_SPLIT": True, "TAIL_SLOTS": 3}]
 
 
 @pytest.mark.gpu
@@ -51,8 +51,9 @@ def test_fp8_wgmma_vs_reference(cfg, m, n, k, shards):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ws", [False, True])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-def test_fp8_wgmma_bias_dtypes_and_graph(out_dtype):
+def test_fp8_wgmma_bias_dtypes_and_graph(out_dtype, ws):
     _sm90()
     from lowbit.kernels.fp8_wgmma import fp8_wgmma_gemm
 
@@ -60,7 +61,7 @@ def test_fp8_wgmma_bias_dtypes_and_graph(out_dtype):
     W, xq, xs, y_ref = _case(m, n, k, [n], seed=3)
     bias = torch.randn(n, device="cuda").to(out_dtype)
     y_ref = y_ref + bias.float()
-    cfg = {"TAIL_SPLIT": True, "TAIL_SLOTS": 7}
+    cfg = {"TAIL_SPLIT": True, "TAIL_SLOTS": 7, "WS": ws}
     _check(fp8_wgmma_gemm(xq, xs, W.weight, W.grid, W.counters, bias, out_dtype, cfg), y_ref, k, out_dtype, "eager")
     fp8_wgmma_gemm(xq, xs, W.weight, W.grid, W.counters, bias, out_dtype, cfg)  # compiled before capture
     g = torch.cuda.CUDAGraph()
