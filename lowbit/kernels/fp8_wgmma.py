@@ -152,9 +152,13 @@ def fp8_wgmma_kernel(x_desc, w_desc, sa_ptr, sb_ptr, bias_ptr, y_ptr, ws_ptr, lo
     if OVERLAP:  # blocks in pairs: both wgmmas issued, the first promoted while the second runs
         t0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, ACC_L)
         t1 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, ACC_L)
+        g0 = _scales(sa_g, sb_g, 0, offs_m, M, stride_sam, stride_sak, stride_sbk)
+        g1 = _scales(sa_g, sb_g, gl.minimum(1, num_kb - 1), offs_m, M, stride_sam, stride_sak, stride_sbk)
         for kb in range(0, num_kb - 1, 2):
-            f0 = _scales(sa_g, sb_g, kb, offs_m, M, stride_sam, stride_sak, stride_sbk)
-            f1 = _scales(sa_g, sb_g, kb + 1, offs_m, M, stride_sam, stride_sak, stride_sbk)
+            f0 = g0  # (this pair's scales, loaded a pair ahead)
+            f1 = g1
+            g0 = _scales(sa_g, sb_g, gl.minimum(kb + 2, num_kb - 1), offs_m, M, stride_sam, stride_sak, stride_sbk)
+            g1 = _scales(sa_g, sb_g, gl.minimum(kb + 3, num_kb - 1), offs_m, M, stride_sam, stride_sak, stride_sbk)
             tok0 = _issue(kb, t0, x_smem, w_smem, bars, STAGES)
             tok1 = _issue(kb + 1, t1, x_smem, w_smem, bars, STAGES)
             t0 = warpgroup_mma_wait(num_outstanding=1, deps=(tok0,))
@@ -224,15 +228,18 @@ def _ws_math(c: gl.constexpr, x_smem, w_smem, ready, empty, sa_ptr, sb_ptr, bias
     sb_g = sb_ptr + (n0 // 128) * stride_sbn + kb0 * stride_sbk
     acc = gl.zeros([HALF, BLOCK_N], gl.float32, ACC_L)
     t = gl.zeros([HALF, BLOCK_N], gl.float32, ACC_L)
+    f = _scales(sa_g, sb_g, 0, offs_m, M, stride_sam, stride_sak, stride_sbk)
     for kb in range(0, num_kb):
         st = kb % STAGES
-        f = _scales(sa_g, sb_g, kb, offs_m, M, stride_sam, stride_sak, stride_sbk)
+        # the next block's scales load a whole block ahead (global loads: their latency stalled the promotion)
+        f_next = _scales(sa_g, sb_g, gl.minimum(kb + 1, num_kb - 1), offs_m, M, stride_sam, stride_sak, stride_sbk)
         mbarrier.wait(ready.index(st), (kb // STAGES) & 1)
         tok = warpgroup_mma(x_smem.index(2 * st + c), w_smem.index(st).permute((1, 0)), t, use_acc=False,
                             is_async=True)
         t = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
         mbarrier.arrive(empty.index(st), count=1)
         acc = acc + t * f[:, None]
+        f = f_next
     if SPLIT:
         if in_split:  # each half of a split tile is its own piece set: ticket and slots 2 * st_id + c
             _finish_split(acc, ws_ptr, lock_ptr + 2 * st_id + c, 2 * st_id + c, 2 * n_split_tiles, sp, splits,
