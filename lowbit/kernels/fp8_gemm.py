@@ -29,6 +29,15 @@ and rows: the same math as BlockWise1x128 x BlockWise1x128, each 128x128 block s
 Not used: the transposed call (W as cuBLAS's first operand with 128x128 scales, x^T with 1x128) writes y^T; alone
 it was faster at M = 2048 on 7168x16384 (413 vs 457 us, H100), but with the copy back (yt.t().contiguous()) it was
 slower on all 14 sweep shapes at M = 512..8192 (e.g. 7168x16384 M = 2048: 533 vs 375 us).
+Not kept either (H100, 2026-11-26, fourth session): lowbit's own block-scaled Gluon GEMM for large M (the file
+lowbit/kernels/fp8_wgmma.py of commit 416ce21, its GPU tests in tests/kernels/test_fp8_wgmma.py there: TMA ring, each
+128-wide K-block's wgmma into a fresh fp32 partial promoted with sa * sb, tail split; variants wait-then-promote,
+blocks in pairs with the first promoted while the second runs, and warp-specialized with a producer warp and two
+free-running consumer warpgroups). It matched the reference (40 GPU tests) but reached 42-71% of per-tensor cuBLAS
+fp8 over 9 shapes at M = 2048 / 8192, against 76-95% for cuBLAS block-wise in the same runs (bench/results/h100.json
+fp8_wgmma_probe*); loading the scales a block ahead changed nothing. Not measured, a guess for whoever picks it up:
+128 x 128 tiles with both wgmma operands in shared memory plus the TMA writes approach the SM's shared-memory
+bandwidth; DeepGEMM's kernels add TMA multicast and wider N tiles.
 small_m configs may carry a 6th element: programmatic dependent launch (fp8_small_m.py), where it measured faster.
 """
 
