@@ -183,7 +183,7 @@ def test_gpu_quantize_saturates_without_clamp_and_keeps_nan():
     one = torch.tensor([1.0], device="cuda")
     q, _ = quantize_fp8(x, "tensor_static", one)
     q_ref, _ = quantize_fp8_ref(x, "tensor_static", one)
-    assert q[0, :8].float().tolist()[:2] == [448.0, -448.0]
+    assert q[0, :2].float().tolist() == [448.0, -448.0]
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     # the w4a8 decode kernel quantizes the same row in-kernel: with unit int4 weights in column c only, y = code * 1
     qw = torch.full((8, 16), 0x88888888 - 2**32, dtype=torch.int32, device="cuda")  # q = 8: weight 0 everywhere
