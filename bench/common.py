@@ -34,11 +34,12 @@ def copies_for(nbytes: int, cap: int = 16) -> int:
     return max(1, min(cap, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
 
-def graph_replay_us(fns: list[Callable[[], object]], rounds: int, reps: int = 5) -> float:
-    """Median per-call microseconds of `fns` called round-robin `rounds` times from one CUDA graph (no launch gaps)."""
+def capture_graph(fns: list[Callable[[], object]], rounds: int) -> tuple[torch.cuda.CUDAGraph, int]:
+    """One CUDA graph of `fns` called round-robin `rounds` times (after a warm-up outside the capture, where first
+    calls compile); returns it with its number of calls."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (and first-call compilation) outside the capture
+    with torch.cuda.stream(stream):
         for f in fns:
             f()
     torch.cuda.current_stream().wait_stream(stream)
@@ -49,16 +50,59 @@ def graph_replay_us(fns: list[Callable[[], object]], rounds: int, reps: int = 5)
                 f()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (rounds * len(fns)))
+    return graph, rounds * len(fns)
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, calls: int) -> float:
+    """Microseconds per call of one replay of a graph of `calls` calls."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls
+
+
+def graph_replay_us(fns: list[Callable[[], object]], rounds: int, reps: int = 5) -> float:
+    """Median per-call microseconds of `fns` called round-robin `rounds` times from one CUDA graph (no launch gaps)."""
+    graph, calls = capture_graph(fns, rounds)
+    times = sorted(replay_us(graph, calls) for _ in range(reps))
     del graph
-    return sorted(times)[len(times) // 2]
+    return times[len(times) // 2]
+
+
+class Interleaved:
+    """Times several groups of callables against each other: each group is captured into its own CUDA graph
+    (calls round-robin over the group, `rounds(fns)` times), then the graphs are replayed in turn, A B C, B C A,
+    C A B, ... `reps` times, and each group gets the median of its replays. Clock and power drift then falls on
+    every group alike; timed one after the other, the same cuBLAS block-wise call on 7168x16384 at M = 2048 measured
+    432 and 370 us a few seconds apart (H100, bench/results/h100.json fp8_gemm), which decides a ratio target.
+
+        t = Interleaved(rounds); t.add("us", fns); t.add("bf16_us", peer_fns); r.update(t.run())
+    A group that raises while warming up or capturing is reported as skipped and comes back as None."""
+
+    def __init__(self, rounds: Callable[[list], int], reps: int = 7):
+        self.rounds, self.reps, self.groups = rounds, reps, {}
+
+    def add(self, name: str, fns: list[Callable[[], object]]) -> None:
+        self.groups[name] = fns
+
+    def run(self) -> dict[str, float | None]:
+        graphs = {}
+        for name, fns in self.groups.items():
+            try:
+                graphs[name] = capture_graph(fns, max(1, self.rounds(fns)))
+            except Exception as exc:  # noqa: BLE001 - a candidate that cannot run this shape is recorded as missing
+                print(f"    skipped {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+                torch.cuda.synchronize()
+        names = list(graphs)
+        times = {name: [] for name in names}
+        for rep in range(self.reps if names else 0):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                times[name].append(replay_us(*graphs[name]))
+        del graphs
+        order, self.groups = list(self.groups), {}
+        return {name: sorted(times[name])[len(times[name]) // 2] if times.get(name) else None for name in order}
 
 
 def bench_graph_ms(fn: Callable[[], object], iters: int = 20, reps: int = 5) -> float:

@@ -1,7 +1,9 @@
 """fp8 GEMM sweep: lowbit block-wise / per-channel / per-tensor fp8 vs cuBLAS bf16 and cuBLAS fp8 (tensor-wise).
 
 Times come from CUDA-graph replays of several calls, each on its own copy of the weights (>= 3x L2 of
-distinct bytes), so small-M numbers are HBM numbers, not L2 ones and not launch gaps. Columns:
+distinct bytes), so small-M numbers are HBM numbers, not L2 ones and not launch gaps; at each M the graphs of
+lowbit's candidates and of the peers are replayed in turn (bench.common.Interleaved), so ratios compare the same
+clocks. Columns:
   us          lowbit's GEMM alone (small_m where it quantizes in-kernel: the fused kernel from 16-bit x; else the
               GEMM the selection picks on pre-quantized x)     TFLOPs / GBps / pct_hbm / pct_fp8_peak of it
   pct_cublas  cuBLAS fp8 tensor-wise time / lowbit time (>= 0.85 is the block-wise target at M >= 2048)
@@ -18,7 +20,7 @@ import math
 import torch
 
 from bench.common import copies_for as common_copies_for
-from bench.common import graph_replay_us, print_table, rooflines, save_section
+from bench.common import Interleaved, graph_replay_us, print_table, rooflines, save_section
 
 SHAPES = {  # (N, K)
     "dsv3": [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)],
@@ -40,6 +42,25 @@ def copies_for(nbytes: int, cap: int = 16) -> int:
 def graph_us(fns: list, min_calls: int = 12, reps: int = 5) -> float:
     """Median per-call microseconds of the callables replayed round-robin from one CUDA graph."""
     return graph_replay_us(fns, max(1, math.ceil(min_calls / len(fns))), reps)
+
+
+class _WarmOnly:
+    """timer() under _WARM: each group's first callable runs once (compiling), nothing is timed."""
+
+    def __init__(self):
+        self.names = []
+
+    def add(self, name, fns) -> None:
+        safe_us(fns)
+        self.names.append(name)
+
+    def run(self) -> dict:
+        return dict.fromkeys(self.names)
+
+
+def timer():
+    """Interleaved CUDA-graph timing with graph_us's rounds (or the compile-only stand-in under _WARM)."""
+    return _WarmOnly() if _WARM else Interleaved(lambda fns: math.ceil(12 / len(fns)))
 
 
 def safe_us(fns) -> float | None:
@@ -101,25 +122,29 @@ def bench_shape(n, k, ms, roof, shape_name, dtype=torch.bfloat16):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         xq, xs = quantize_fp8(x, "token_group", column_major_scales=True)
         xqt, xst = quantize_fp8(x, "tensor_dynamic")
-        bf16_us = safe_us([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
-        cublas_us = safe_us([lambda s=s: torch._scaled_mm(xqt, s["w"].t(), one, one, out_dtype=dtype) for s in sets])
+        t = timer()  # lowbit's candidates and the peers replayed in turn: the same clocks for all
+        t.add("bf16_us", [lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
+        t.add("cublas_us", [lambda s=s: torch._scaled_mm(xqt, s["w"].t(), one, one, out_dtype=dtype) for s in sets])
         cand = pick_candidate(sets[0]["block"], "token_group", m, dtype)
-        if cand == "small_m" and fuses_quant(sets[0]["block"], "token_group", m):  # quantization inside the GEMM
-            us = safe_us([lambda s=s: fp8_linear(x, s["block"], "token_group") for s in sets])
-            e2e = us
+        fused = cand == "small_m" and fuses_quant(sets[0]["block"], "token_group", m)  # quantization in the GEMM
+        if fused:
+            t.add("us", [lambda s=s: fp8_linear(x, s["block"], "token_group") for s in sets])
         else:
-            us = safe_us([lambda s=s: fp8_linear(xq, s["block"], "token_group", x_scale=xs, out_dtype=dtype,
-                                                 candidate=cand) for s in sets])
-            e2e = safe_us([lambda s=s: fp8_linear(x, s["block"], "token_group") for s in sets])
+            t.add("us", [lambda s=s: fp8_linear(xq, s["block"], "token_group", x_scale=xs, out_dtype=dtype,
+                                                candidate=cand) for s in sets])
+            t.add("e2e_us", [lambda s=s: fp8_linear(x, s["block"], "token_group") for s in sets])
         extra = {}
         for forced in (["triton"] if m > 16 else []) + (["cublas_block"] if m >= 16 else []) + (
                 ["small_m"] if 16 < m <= 256 else []):
-            extra[f"{forced}_us"] = safe_us([lambda s=s, c=forced: fp8_linear(
+            t.add(f"{forced}_us", [lambda s=s, c=forced: fp8_linear(
                 xq, s["block"], "token_group", x_scale=xs, out_dtype=dtype, candidate=c) for s in sets])
         for scheme, act in (("channel", "token"), ("tensor", "tensor_static")):
             scale = xst if act == "tensor_static" else None
-            extra[f"{scheme}_e2e_us"] = safe_us([lambda s=s: fp8_linear(x, s[scheme], act, scale) for s in sets])
+            t.add(f"{scheme}_e2e_us", [lambda s=s, sc=scheme, a=act, v=scale: fp8_linear(x, s[sc], a, v) for s in sets])
             extra[f"{scheme}_cand"] = pick_candidate(sets[0][scheme], act, m, dtype)
+        extra.update(t.run())
+        us, bf16_us, cublas_us = extra.pop("us"), extra.pop("bf16_us"), extra.pop("cublas_us")
+        e2e = us if fused else extra.pop("e2e_us")
         rows.append(_row(shape_name, n, k, m, us, e2e, bf16_us, cublas_us, cand, roof, extra))
         r = rows[-1]
         if _WARM:

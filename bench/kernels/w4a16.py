@@ -4,7 +4,8 @@
     python -m bench.kernels.w4a16 --tune [--out DIR]             writes lowbit/kernels/configs/w4a16_<gpu>.json
 
 Times are CUDA-graph replays of several calls, each on its own copy of the weights (>= 160 MB of distinct
-bytes, > 3x the L2 of an H100), so small-M numbers are HBM numbers, not L2 hits and not launch gaps.
+bytes, > 3x the L2 of an H100), so small-M numbers are HBM numbers, not L2 hits and not launch gaps; lowbit's
+graph and its peers' are replayed in turn (bench.common.Interleaved), so each ratio compares the same clocks.
 Columns: us (lowbit), GBps / pct_hbm (int4 weights + scales + x + y, each once, over the copy bandwidth
 measured in this run), TFLOPs, bf16_us (torch.matmul, cuBLAS), int4pack_us (torch._weight_int4pack_mm),
 x_bf16 = bf16_us / us (>= 1: not slower than cuBLAS), path (the config the table picked).
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from bench.common import copies_for, gpu_name, graph_replay_us, print_table, rooflines, save_section
+from bench.common import Interleaved, copies_for, gpu_name, graph_replay_us, print_table, rooflines, save_section
 
 SHAPES = {  # per model: qkv (fused), o, gate (= up), down as (N, K)
     "llama3-8b": [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)],
@@ -35,8 +36,8 @@ QUICK_SHAPES = [(8192, 28672), (28672, 8192), (4096, 14336)]
 TUNE_M = [1, 16, 32, 64, 128, 256, 512, 1024, 4096]  # buckets in between take the nearest tuned one
 GROUP = 128
 INT4PACK_MAX_M = 256  # tinygemm is a decode kernel: 16 to 60x slower than cuBLAS at M=4096, not worth timing
-def graph_us(fns: list, budget_ms: float = 4.0, reps: int = 5) -> float:
-    """Median per-call microseconds of `fns` replayed round-robin from one CUDA graph of about `budget_ms`."""
+def budget_rounds(fns: list, budget_ms: float = 4.0) -> int:
+    """Round-robin rounds of `fns` that make a CUDA graph of about `budget_ms` (one timed eager pass estimates it)."""
     for f in fns:
         f()
     torch.cuda.synchronize()
@@ -45,8 +46,12 @@ def graph_us(fns: list, budget_ms: float = 4.0, reps: int = 5) -> float:
         f()
     torch.cuda.synchronize()
     est_ms = (time.perf_counter() - t0) * 1e3 / len(fns)
-    rounds = max(1, min(64, math.ceil(budget_ms / max(est_ms, 1e-3) / len(fns))))
-    return graph_replay_us(fns, rounds, reps)
+    return max(1, min(64, math.ceil(budget_ms / max(est_ms, 1e-3) / len(fns))))
+
+
+def graph_us(fns: list, budget_ms: float = 4.0, reps: int = 5) -> float:
+    """Median per-call microseconds of `fns` replayed round-robin from one CUDA graph of about `budget_ms`."""
+    return graph_replay_us(fns, budget_rounds(fns, budget_ms), reps)
 
 
 def safe_us(fns, **kw) -> float | None:
@@ -109,10 +114,12 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         cfg = select_config(ws[0], m, dtype, x.device)
         r = {"shape": name, "N": n, "K": k, "M": m, "path": _describe(cfg)}
-        r["us"] = safe_us([lambda w=w: w4a16_gemm(x, w) for w in ws])
-        r["bf16_us"] = safe_us([lambda w=w: torch.matmul(x, w.t()) for w in dense])
+        t = Interleaved(budget_rounds)  # lowbit and its peers replayed in turn: the same clocks for all
+        t.add("us", [lambda w=w: w4a16_gemm(x, w) for w in ws])
+        t.add("bf16_us", [lambda w=w: torch.matmul(x, w.t()) for w in dense])
         if peer and dtype == torch.bfloat16 and m <= INT4PACK_MAX_M:
-            r["int4pack_us"] = safe_us([lambda p=p: torch._weight_int4pack_mm(x, p, GROUP, peer[1]) for p in peer[0]])
+            t.add("int4pack_us", [lambda p=p, sz=peer[1]: torch._weight_int4pack_mm(x, p, GROUP, sz) for p in peer[0]])
+        r.update(t.run())
         if r["us"]:
             nbytes = nbytes_w + 2 * m * k + 2 * m * n
             r["GBps"] = nbytes / r["us"] / 1e3

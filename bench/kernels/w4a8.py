@@ -1,7 +1,7 @@
 """w4a8 sweep: int4 group-128 weights x fp8 activations vs lowbit w4a16 (same int4 weights), cuBLAS bf16 and fp8.
 
-Timing: CUDA-graph replays over rotated weight copies (bench/kernels/w4a16.py graph_us), one discarded warm-up
-per shape. Columns:
+Timing: CUDA-graph replays over rotated weight copies (bench/kernels/w4a16.py budget_rounds), one discarded warm-up
+per shape; at each M the graphs of all candidates and peers are replayed in turn (bench.common.Interleaved). Columns:
   us             w4a8_linear from bf16 x, token_group 128 activations (DeepSeek W4AFP8), quantization included
   static_us      the same with a static per-tensor scale (W4A8-AWQ)
   w4a16_us       lowbit's w4a16_gemm on the same weights (bf16 x), in the same run
@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from bench.common import print_table, rooflines, save_section
-from bench.kernels.w4a16 import copies_for, safe_us
+from bench.common import Interleaved, print_table, rooflines, save_section
+from bench.kernels.w4a16 import budget_rounds, copies_for, safe_us
 
 SHAPES = {  # (N, K): DeepSeek-V3 (as bench/kernels/fp8.py), Llama-3-8B and Qwen3-32B projections
     "dsv3": [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)],
@@ -61,40 +61,42 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
         if r["cand"] == "fused":
             c = fused_config(ws[0], m, x.device, "token_group")
             r["cfg"] = f"{c['BLOCK_N']}x{c['BLOCK_M']}/s{c.get('SPLIT_K', 1)}/w{c.get('num_warps', 4)}"
-        r["us"] = safe_us([lambda w=w: w4a8_linear(x, w, "token_group") for w in ws])
-        r["static_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "tensor_static", static) for w in ws])
-        r["w4a16_us"] = safe_us([lambda w=w: w4a16_gemm(x, w.w16) for w in ws])
+        t = Interleaved(budget_rounds)  # every candidate and peer replayed in turn: the same clocks for all
+        t.add("us", [lambda w=w: w4a8_linear(x, w, "token_group") for w in ws])
+        t.add("static_us", [lambda w=w: w4a8_linear(x, w, "tensor_static", static) for w in ws])
+        t.add("w4a16_us", [lambda w=w: w4a16_gemm(x, w.w16) for w in ws])
         if m <= 64:  # x quantized first (quantize_fp8), then the fused kernel on e4m3 x: w4a8_select.json fused_pre
-            r["pre_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "token_group", candidate="fused_pre") for w in ws])
-            r["pre_static_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="fused_pre")
-                                          for w in ws])
+            t.add("pre_us", [lambda w=w: w4a8_linear(x, w, "token_group", candidate="fused_pre") for w in ws])
+            t.add("pre_static_us", [lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="fused_pre")
+                                    for w in ws])
         if m >= 16:  # fake-quantized x + the w4a16 GEMM (w4a8_select.json w16)
-            r["w16_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "token_group", candidate="w16") for w in ws])
-            r["w16_static_us"] = safe_us([lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="w16")
-                                          for w in ws])
+            t.add("w16_us", [lambda w=w: w4a8_linear(x, w, "token_group", candidate="w16") for w in ws])
+            t.add("w16_static_us", [lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="w16")
+                                    for w in ws])
         if m in (1, 16):
             exact = dict(fused_config(ws[0], m, x.device, "tensor_static"), exact=True)
-            r["exact_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=exact)
-                                     for w in ws])
+            t.add("exact_us", [lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=exact)
+                               for w in ws])
         if m == 1:  # only the token row of the 16-token tile quantized (row_pad), off by default
             skip = dict(fused_config(ws[0], m, x.device, "tensor_static"), row_pad=True)
-            r["rowskip_static_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=skip)
-                                              for w in ws])
+            t.add("rowskip_static_us", [lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=skip)
+                                        for w in ws])
         if m in (4, 8, 16, 32):  # 128-row weight tiles (fused_wide_min_m in w4a8_select.json)
             wide = dict(fp8act_config(ws[0].w16, m, x.device, 128), exact=False, row_pad=False)
-            r["wide_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "token_group", config=wide) for w in ws])
-            r["wide_static_us"] = safe_us([lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=wide)
-                                           for w in ws])
-        r["bf16_us"] = safe_us([lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
-        r["cublas_fp8_us"] = safe_us([lambda w=w: torch._scaled_mm(xqt, w.t(), one, one, out_dtype=dtype) for w in w8])
+            t.add("wide_us", [lambda w=w: w4a16_gemm_fp8act(x, w.w16, "token_group", config=wide) for w in ws])
+            t.add("wide_static_us", [lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=wide)
+                                     for w in ws])
+        t.add("bf16_us", [lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
+        t.add("cublas_fp8_us", [lambda w=w: torch._scaled_mm(xqt, w.t(), one, one, out_dtype=dtype) for w in w8])
         if m >= 128:  # the large-M candidates, token_group activations
             for forced in ("dequant", "dequant_cublas"):
-                r[f"{forced}_us"] = safe_us([lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
-                                             for w in ws])
+                t.add(f"{forced}_us", [lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
+                                       for w in ws])
         if 16 < m <= 64:
             for forced in ("fused", "dequant_cublas"):
-                r[f"{forced}_us"] = safe_us([lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
-                                             for w in ws])
+                t.add(f"{forced}_us", [lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
+                                       for w in ws])
+        r.update(t.run())
         if r["us"]:
             nbytes = n * k // 2 + n * math.ceil(k / 128) * 2 + 2 * m * k + 2 * m * n
             r["GBps"] = nbytes / r["us"] / 1e3
