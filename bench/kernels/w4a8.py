@@ -12,6 +12,8 @@ per shape; at each M the graphs of all candidates and peers are replayed in turn
   rowskip_static_us  static quantizing only the token row of the 16-row tile at M = 1 (row_pad=True)
   fused_us / dequant_cublas_us   candidates forced where the selection switches (M > 16), for w4a8_select.json
   dequant_us / dequant_cublas_us   the large-M candidates forced (M >= 128)
+  dequant_cublas_static_us / dequant_cublas_x128_static_us   static through cuBLAS, x's scale as 1 x 128 blocks /
+                 as a constant 128x128 grid, forced (M >= 33)
   pre_us / pre_static_us   token_group / static with x quantized first (candidate fused_pre), M <= 64
   w16_us / w16_static_us   token_group / static, x fake-quantized then lowbit's w4a16 GEMM (candidate w16), M >= 16
   bf16_us, cublas_fp8_us         peers (torch.nn.functional.linear; torch._scaled_mm tensor-wise)
@@ -88,6 +90,10 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
                                      for w in ws])
         t.add("bf16_us", [lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
         t.add("cublas_fp8_us", [lambda w=w: torch._scaled_mm(xqt, w.t(), one, one, out_dtype=dtype) for w in w8])
+        if m >= 33:  # static through cuBLAS with x's scale as 1 x 128 or as 128x128 blocks (w4a8_select.json x128)
+            for forced in ("dequant_cublas", "dequant_cublas_x128"):
+                t.add(f"{forced}_static_us", [lambda w=w, c=forced: w4a8_linear(x, w, "tensor_static", static,
+                                                                                candidate=c) for w in ws])
         if m >= 128:  # the large-M candidates, token_group activations
             for forced in ("dequant", "dequant_cublas"):
                 t.add(f"{forced}_us", [lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
@@ -112,7 +118,8 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
               f", wide {r.get('wide_us')} / {r.get('wide_static_us')}, row skip {r.get('rowskip_static_us')}, forced "
               f"fused {r.get('fused_us')} dequant_cublas {r.get('dequant_cublas_us')} dequant {r.get('dequant_us')} "
               f"pre {r.get('pre_us')} / static {r.get('pre_static_us')}, w16 {r.get('w16_us')} / static "
-              f"{r.get('w16_static_us')}", flush=True)
+              f"{r.get('w16_static_us')}, static cuBLAS 1x128 / x128 {r.get('dequant_cublas_static_us')} / "
+              f"{r.get('dequant_cublas_x128_static_us')}", flush=True)
     del ws, bf16, w8
     torch.cuda.empty_cache()
     return rows
@@ -120,7 +127,8 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
 
 COLUMNS = ["shape", "M", "cand", "cfg", "us", "static_us", "w4a16_us", "x_w4a16", "x_w4a16_static", "exact_us",
            "wide_us", "wide_static_us", "rowskip_static_us", "pct_hbm", "bf16_us", "x_bf16", "cublas_fp8_us",
-           "fused_us", "dequant_cublas_us", "dequant_us", "pre_us", "pre_static_us", "w16_us", "w16_static_us"]
+           "fused_us", "dequant_cublas_us", "dequant_us", "pre_us", "pre_static_us", "w16_us", "w16_static_us",
+           "dequant_cublas_static_us", "dequant_cublas_x128_static_us"]
 
 
 def main(args) -> None:

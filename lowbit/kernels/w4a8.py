@@ -25,6 +25,10 @@ Candidates (`pick_candidate`; M thresholds in configs/w4a8_select.json, measured
 | dequant_cublas | int4 -> e4m3 weight scratch [N, Kp] (one pass), quantize_fp8, then cuBLAS F.scaled_mm   |
 |                | BlockWise1x128 x BlockWise1x128 (K % 128 == 0, N % 16 == 0, M >= 16); per-tensor /     |
 |                | per-token activation scales enter as constant 1 x 128 block scales (the same math)      |
+| dequant_cublas_x128 | per-tensor activation scales (tensor_static / tensor_dynamic) only: the same scratch, |
+|                | the one x scale as a constant BlockWise128x128 grid x the 1 x 128 weight scales: cuBLAS |
+|                | runs its 128x128-block kernel (Avec128_Bblk128) instead of the 1x128 x 1x128 one (H100, |
+|                | 7168x16384: 354 vs 447 us at M = 2048); M ranges x128[NxK] measured, else x128_default |
 | dequant        | the same scratch, then the Triton fp8 block GEMM with 1 x 128 weight scales (fallback)  |
 | w16            | x fake-quantized in one pass (quant_act.fake_quantize_act_fp8: xq * sx in x.dtype),     |
 |                | then w4a16_gemm on the same int4 weights (its tuned decode / wgmma / dequant paths):    |
@@ -75,9 +79,11 @@ from lowbit.kernels.w4a16 import W4A16Weights, w4a16_gemm, w4a16_repack
 from lowbit.kernels.w4a16_fp8act import FP8_ACT_MAX_M, fp8act_config, w4a16_gemm_fp8act
 
 GROUP_SIZE = 128
-CANDIDATES = ("fused", "fused_pre", "dequant", "dequant_cublas", "w16")
+CANDIDATES = ("fused", "fused_pre", "dequant", "dequant_cublas", "dequant_cublas_x128", "w16")
 _DEFAULT_SELECT = {"fused_max_m": 16, "dequant_cublas_min_m": 17, "fused_wide_min_m": 65, "fused_row_skip": False,
-                   "fused_exact": False, "fused_wide8": {}, "fused_pre": {}, "w16": {}, "w16_default": None}
+                   "fused_exact": False, "fused_wide8": {}, "fused_pre": {}, "w16": {}, "w16_default": None,
+                   "x128": {}, "x128_default": None}
+_PER_TENSOR = ("tensor_static", "tensor_dynamic")  # one activation scale: dequant_cublas_x128 applies
 WIDE_BLOCK_N = 128  # fused from M = fused_wide_min_m: 128-row weight tiles (half the in-kernel x quantization)
 WIDE8 = {"BLOCK_N": 128, "num_warps": 8}  # fused_wide8 ranges: 128-row tiles on 8 warps, the 64-row tiles' split-K
 CUBLAS_MIN_M = 16  # as fp8_gemm.CUBLAS_BLOCK_MIN_M (1 x 128 x 1 x 128 probed at M = 16, 32, 64, 128)
@@ -155,13 +161,22 @@ def _select() -> dict:
     return {**_DEFAULT_SELECT, **{k: v for k, v in load_config("w4a8_select").items() if k in _DEFAULT_SELECT}}
 
 
+def _bounds(r) -> tuple[int, int]:
+    """A w4a8_select.json [lo, hi] M range (hi null: unbounded; absent: empty) as inclusive ints."""
+    if r is None:
+        return 0, -1
+    return int(r[0]), (1 << 62) if r[1] is None else int(r[1])
+
+
 @functools.lru_cache(maxsize=None)
-def _ranges(n: int, k: int, act: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The M ranges of the w16 candidate (measured for this shape, else w16_default) and of fused_pre (measured only)
-    for one shape and activation granularity, looked up once (pick_candidate runs per forward)."""
+def _ranges(n: int, k: int, act: str) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """The M ranges of the w16 candidate (measured for this shape, else w16_default), of fused_pre (measured only)
+    and of dequant_cublas_x128 (per-tensor activations; measured for this shape, else x128_default) for one shape and
+    activation granularity, looked up once (pick_candidate runs per forward)."""
     sel = _select()
-    w16 = sel["w16"].get(f"{n}x{k}", {}).get(act, sel["w16_default"] or (0, -1))
-    return tuple(w16), tuple(sel["fused_pre"].get(f"{n}x{k}", {}).get(act, (0, -1)))
+    w16 = sel["w16"].get(f"{n}x{k}", {}).get(act, sel["w16_default"])
+    x128 = sel["x128"].get(f"{n}x{k}", sel["x128_default"]) if act in _PER_TENSOR else None
+    return _bounds(w16), _bounds(sel["fused_pre"].get(f"{n}x{k}", {}).get(act)), _bounds(x128)
 
 
 def fused_config(w: W4A8Weights, m: int, device, act: str | None = None) -> dict:
@@ -178,28 +193,37 @@ def fused_config(w: W4A8Weights, m: int, device, act: str | None = None) -> dict
 def pick_candidate(w: W4A8Weights, m: int, act: str = "token_group", out16: bool = True) -> str:
     """out16: x and the output are the same 16-bit dtype (what the w16 candidate needs)."""
     sel = _select()
-    (lo, hi), (pre_lo, pre_hi) = _ranges(w.n, w.k, act)
+    (lo, hi), (pre_lo, pre_hi), (x_lo, x_hi) = _ranges(w.n, w.k, act)
     if w.w16.qweight.is_cuda and out16 and lo <= m <= hi:  # (measured against every other pick, fused_pre too)
         return "w16"
     if w.w16.qweight.is_cuda and pre_lo <= m <= min(pre_hi, FP8_ACT_MAX_M):
         return "fused_pre"
     if m <= min(sel["fused_max_m"], FP8_ACT_MAX_M) or (not w.w16.qweight.is_cuda and m <= FP8_ACT_MAX_M):
         return "fused"
-    return "dequant_cublas" if m >= sel["dequant_cublas_min_m"] and cublas_ok(w, m) else "dequant"
+    if m >= sel["dequant_cublas_min_m"] and cublas_ok(w, m):
+        return "dequant_cublas_x128" if x_lo <= m <= x_hi else "dequant_cublas"
+    return "dequant"
 
 
-def _dequant_cublas(xq, xs, group: bool, w: W4A8Weights, bias, out_dtype) -> torch.Tensor:
+def _dequant_cublas(xq, xs, act: str, w: W4A8Weights, bias, out_dtype, x128: bool = False) -> torch.Tensor:
+    """x128 (per-tensor act only): the one x scale as a constant 128x128 block grid, which torch wants as
+    [K/128, ceil(M/128)] with strides (1, K/128); else x's scales as 1 x 128 blocks [M, K/128] column-major."""
     F = torch.nn.functional
     m, kb = xq.shape[0], w.k // GROUP_SIZE
+    if x128 and act not in _PER_TENSOR:
+        raise ValueError(f"w4a8_linear: candidate 'dequant_cublas_x128' needs one activation scale "
+                         f"({', '.join(_PER_TENSOR)}), got {act!r}")
     if not cublas_ok(w, m):
         raise ValueError(f"w4a8_linear: dequant_cublas needs K % 128 == 0, N % 16 == 0 and M >= {CUBLAS_MIN_M}; "
                          f"got M={m}, N={w.n}, K={w.k}")
-    if not group:  # [1] or [M, 1] -> [M, K/128] column-major, every block of a row with the row's scale
-        xs = xs.reshape(1, -1).expand(kb, m).contiguous().t()
-    elif xs.stride(0) != 1:
-        xs = xs.t().contiguous().t()
-    y = F.scaled_mm(xq, int4_to_fp8(w).t(), xs, F.ScalingType.BlockWise1x128, _scales_f32(w),
-                    F.ScalingType.BlockWise1x128, output_dtype=out_dtype)
+    if x128:
+        xs, recipe = xs.reshape(1, 1).expand(math.ceil(m / 128), kb).contiguous().t(), F.ScalingType.BlockWise128x128
+    elif act != "token_group":  # [1] or [M, 1] -> [M, K/128] column-major, every block of a row with the row's scale
+        xs, recipe = xs.reshape(1, -1).expand(kb, m).contiguous().t(), F.ScalingType.BlockWise1x128
+    else:
+        xs, recipe = (xs if xs.stride(0) == 1 else xs.t().contiguous().t()), F.ScalingType.BlockWise1x128
+    y = F.scaled_mm(xq, int4_to_fp8(w).t(), xs, recipe, _scales_f32(w), F.ScalingType.BlockWise1x128,
+                    output_dtype=out_dtype)
     return y if bias is None else y.add_(bias)
 
 
@@ -251,8 +275,8 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
     if cand in ("fused", "fused_pre"):  # token / tensor_dynamic (the whole row's amax comes first) or forced
         mode = "e4m3_group" if group else "e4m3_row"
         y = w4a16_gemm_fp8act(xq, w.w16, mode, xs.float(), bias, out_dtype, config=fused_config(w, m, x.device))
-    elif cand == "dequant_cublas":
-        y = _dequant_cublas(xq, xs, group, w, bias, out_dtype)
+    elif cand in ("dequant_cublas", "dequant_cublas_x128"):
+        y = _dequant_cublas(xq, xs, act_granularity, w, bias, out_dtype, cand == "dequant_cublas_x128")
     else:
         tuned = load_config("fp8_block")
         rows = torch.arange(w.n, dtype=torch.int32, device=x.device)

@@ -244,6 +244,8 @@ def test_errors():
         w4a8_linear(x, w, "token", candidate="small_m")
     with pytest.raises(ValueError, match="pre_quant_scale"):
         w4a8_linear(x, w, "token", pre_quant_scale=torch.ones(3, device=DEV))
+    with pytest.raises(ValueError, match="'dequant_cublas_x128' needs one activation scale"):
+        w4a8_linear(x, w, "token_group", candidate="dequant_cublas_x128")
     with pytest.raises(ValueError, match="candidate 'w16' needs 16-bit"):
         w4a8_linear(x, w, "token", candidate="w16", out_dtype=torch.float32)
     assert pick_candidate(w, 4, out16=False) != "w16"
@@ -264,9 +266,10 @@ GPU_SHAPES = [(1, 4096, 7168), (7, 2112, 7168), (16, 576, 7168), (24, 2112, 7168
               (300, 4096, 4096)]
 
 
-def _candidates(m, n, k):
-    return (["fused", "fused_pre"] if m <= 64 else []) + ["dequant", None, "w16"] + (
-        ["dequant_cublas"] if k % 128 == 0 and n % 16 == 0 and m >= 16 else [])
+def _candidates(m, n, k, act):
+    cublas = k % 128 == 0 and n % 16 == 0 and m >= 16
+    return (["fused", "fused_pre"] if m <= 64 else []) + ["dequant", None, "w16"] + (["dequant_cublas"] if cublas else []) + (
+        ["dequant_cublas_x128"] if cublas and act in ("tensor_static", "tensor_dynamic") else [])
 
 
 @pytest.mark.gpu
@@ -280,7 +283,7 @@ def test_gpu_w4a8(shape, act, dtype):
     x = _x(m, k, dtype, "cuda")
     bias = torch.randn(n, device="cuda", dtype=dtype) if m == 7 else None
     y_ref = _expected(x, qweight, scales, k, act, bias)
-    for cand in _candidates(m, n, k):
+    for cand in _candidates(m, n, k, act):
         y = w4a8_linear(x, w, act, _static("cuda") if act == "tensor_static" else None, bias=bias, candidate=cand)
         assert y.dtype == dtype
         _check(y, y_ref, k, dtype, f"candidate {cand}")
@@ -302,6 +305,21 @@ def test_gpu_selection_takes_w16_where_measured():
 
 
 @pytest.mark.gpu
+def test_gpu_selection_x128_where_measured():
+    """configs/w4a8_select.json x128: per-tensor activations take x's scale as 128x128 blocks from the measured M
+    (7168x16384: 256; 2112x7168: 4096; unmeasured shapes: 512); token_group never."""
+    for (n, k), lo in (((7168, 16384), 256), ((2112, 7168), 4096), ((1024, 2048), 512)):
+        _, qweight, scales = _weights(n, k, "cuda", scale_dtype=torch.bfloat16)
+        w = w4a8_repack(qweight, scales, 128, k)
+        for act in ("tensor_static", "tensor_dynamic"):
+            assert pick_candidate(w, lo, act) == "dequant_cublas_x128", (n, k, act)
+            assert pick_candidate(w, 16384, act) == "dequant_cublas_x128", (n, k, act)
+            assert pick_candidate(w, lo // 2, act) != "dequant_cublas_x128", (n, k, act)
+        assert pick_candidate(w, lo, "token_group") == "dequant_cublas"
+        assert pick_candidate(w, lo, "token") == "dequant_cublas"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(3, 1001, 640), (40, 2112, 7168)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("act", ["token", "tensor_dynamic"])
 def test_gpu_w4a8_dynamic_rows(shape, act):
@@ -310,7 +328,7 @@ def test_gpu_w4a8_dynamic_rows(shape, act):
     w = w4a8_repack(qweight, scales, 128, k)
     x = _x(m, k, torch.bfloat16, "cuda")
     y_ref = _expected(x, qweight, scales, k, act)
-    for cand in _candidates(m, n, k):
+    for cand in _candidates(m, n, k, act):
         _check(w4a8_linear(x, w, act, candidate=cand), y_ref, k, torch.bfloat16, f"candidate {cand}")
 
 
@@ -329,7 +347,8 @@ def test_gpu_pre_quant_scale_and_fp32_out(act):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cand,act", [("fused", "token_group"), ("fused", "tensor_static"),
-                                      ("dequant_cublas", "token_group"), ("w16", "token_group")])
+                                      ("dequant_cublas", "token_group"), ("dequant_cublas_x128", "tensor_static"),
+                                      ("w16", "token_group")])
 def test_gpu_w4a8_cuda_graph(cand, act):
     m, n, k = (4 if cand == "fused" else 96), 2112, 7168
     _, qweight, scales = _weights(n, k, "cuda", scale_dtype=torch.bfloat16)
