@@ -40,6 +40,14 @@ M = 2048): the tensor pipe busy 46% of the elapsed cycles; of the warp stall cyc
 named barriers (the lowering puts one before every mbarrier wait and one before every stage release) and 36% on the
 scale loads from global memory (the loop-carried prefetch waits at the end of its iteration). DeepGEMM's kernels,
 which reach per-tensor speed, also bring the scales in through shared memory (TMA) and use wider N tiles.
+Not kept either (H100, cuBLASLt 13.1 through ctypes, fifth session; throwaway probe): choosing cuBLASLt's algorithm
+ourselves. cublasLtMatmulAlgoGetHeuristic returns one algorithm for 1x128 x 128x128 scales and seven for 1x128 x
+1x128; enumerating algo 66's configurations (tiles 64x64 / 64x128 / 128x64 / 64x256 / 128x128 / 256x64 / 64x192, cluster
+shapes, custom options 0-7; 120-132 valid per problem, the 144x128 tile that per-tensor fp8 runs on is not among them)
+found nothing faster than the heuristic's pick: 2112x7168 at M = 2048 62.5 vs 62.3 us (per-tensor 48.1), at M = 4096
+115.4 vs 110.9, 7168x16384 at M = 2048 379.5 vs 372.2; and the 256x64 tiles the heuristic never picks returned wrong
+results (max error 12.5 against the reference). Per-tensor fp8 runs nvjet 144x128 tiles there: 2048 x 2112 is 15 x 17
+= 255 tiles, under two waves of 132 SMs, where the 128x128 / 64x256 block-scaled tiles make 272 / 288.
 small_m configs may carry a 6th element: programmatic dependent launch (fp8_small_m.py), where it measured faster.
 """
 

@@ -56,6 +56,10 @@ rows / 8 warps): 128 rows on 4 warps 13.6-14.5, 256 rows on 8 warps 14.8-15.6, 1
 15.6-16.5 / 18.2-20.9, 2 / 4 / 5 stages 13.8-14.5 / 12.9-13.7 / 13.2-14.3, 64 rows on 8 warps 17.5-22.4, the M = 1
 row skip on them 14.2 vs 12.2; for static, 128 rows / 8 warps 12.8-13.5, with split-K doubled 15.8-17.1, 2 / 4 stages
 12.4-12.8 / 11.9-12.4 vs 11.1-12.2 us on the 64-row tiles.
+dequant_cublas_x128 (fifth session, H100, interleaved timing; bench/results/h100.json w4a8_gemm_x128_sweep): against the
+1x128-scaled x, 1.03-1.47x faster from M = 256..512 on 13 of 14 shapes (7168x16384 M = 8192: 1748 vs 2334 us), slower
+at M = 64..128 (4096x7168 M = 64: 45.7 vs 36.2 us) and on 2112x7168 up to M = 2048 (cuBLAS picks other tiles there);
+static at M = 8192 went from 1.09-1.29x to 1.18-1.52x bf16 cuBLAS on the four quick shapes.
 At M <= 16 the weight stream is the same int4 bytes as w4a16's, so w4a8 can tie w4a16 at best; quantizing x costs
 a launch (fused_pre, w16) or per-tile work (fused). w4a16_us / w4a8 us at M = 1..16 on the four quick shapes (python -m
 bench.kernels w4a8 --quick --ms 1,2,4,8,16, H100, fourth session): token_group 0.85-0.90x (was 0.69-0.90x), static

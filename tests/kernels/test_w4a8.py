@@ -268,8 +268,9 @@ GPU_SHAPES = [(1, 4096, 7168), (7, 2112, 7168), (16, 576, 7168), (24, 2112, 7168
 
 def _candidates(m, n, k, act):
     cublas = k % 128 == 0 and n % 16 == 0 and m >= 16
-    return (["fused", "fused_pre"] if m <= 64 else []) + ["dequant", None, "w16"] + (["dequant_cublas"] if cublas else []) + (
-        ["dequant_cublas_x128"] if cublas and act in ("tensor_static", "tensor_dynamic") else [])
+    per_tensor = act in ("tensor_static", "tensor_dynamic")
+    return (["fused", "fused_pre"] if m <= 64 else []) + ["dequant", None, "w16"] + (
+        ["dequant_cublas"] if cublas else []) + (["dequant_cublas_x128"] if cublas and per_tensor else [])
 
 
 @pytest.mark.gpu
@@ -307,16 +308,20 @@ def test_gpu_selection_takes_w16_where_measured():
 @pytest.mark.gpu
 def test_gpu_selection_x128_where_measured():
     """configs/w4a8_select.json x128: per-tensor activations take x's scale as 128x128 blocks from the measured M
-    (7168x16384: 256; 2112x7168: 4096; unmeasured shapes: 512); token_group never."""
-    for (n, k), lo in (((7168, 16384), 256), ((2112, 7168), 4096), ((1024, 2048), 512)):
+    (7168x16384: 256, where w16 keeps static up to M = 512; 2112x7168: 4096; unmeasured shapes: 512); never for
+    token_group or token activations."""
+    cases = {(7168, 16384): [(1024, "tensor_static", True), (512, "tensor_static", False),
+                             (256, "tensor_dynamic", True), (128, "tensor_dynamic", False)],
+             (2112, 7168): [(4096, "tensor_static", True), (16384, "tensor_dynamic", True),
+                            (2048, "tensor_static", False), (2048, "tensor_dynamic", False)],
+             (1024, 2048): [(512, "tensor_static", True), (512, "tensor_dynamic", True), (256, "tensor_static", False)]}
+    for (n, k), expected in cases.items():
         _, qweight, scales = _weights(n, k, "cuda", scale_dtype=torch.bfloat16)
         w = w4a8_repack(qweight, scales, 128, k)
-        for act in ("tensor_static", "tensor_dynamic"):
-            assert pick_candidate(w, lo, act) == "dequant_cublas_x128", (n, k, act)
-            assert pick_candidate(w, 16384, act) == "dequant_cublas_x128", (n, k, act)
-            assert pick_candidate(w, lo // 2, act) != "dequant_cublas_x128", (n, k, act)
-        assert pick_candidate(w, lo, "token_group") == "dequant_cublas"
-        assert pick_candidate(w, lo, "token") == "dequant_cublas"
+        for m, act, x128 in expected:
+            assert (pick_candidate(w, m, act) == "dequant_cublas_x128") == x128, (n, k, m, act)
+        for act in ("token_group", "token"):
+            assert pick_candidate(w, 4096, act) == "dequant_cublas", (n, k, act)
 
 
 @pytest.mark.gpu
