@@ -195,10 +195,19 @@ def _cublas_ok(w: Fp8Weights, act: str, m: int, out_dtype) -> bool:
 CUBLAS_BLOCK_MIN_M = 16  # torch 2.11 probes (H100, H200): no cuBLASLt block-scaled algorithm for M = 1, 2, 7; 16-128 ran
 
 
+def cublas_block_scaling(device) -> bool:
+    """Whether cuBLAS runs 1x128 / 128x128 block-scaled fp8 GEMMs on this device: added in cuBLAS 12.9 for Hopper;
+    Ada (sm89) has tensor-wide fp8 scaling only (NVIDIA cuBLAS 12.9 release blog and the cuBLAS scaling-mode
+    support table), so sm89 takes the Triton block-scaled GEMM instead."""
+    device = torch.device(device)
+    return (device.type == "cuda" and hasattr(torch.nn.functional, "scaled_mm")
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
 def _cublas_block_ok(w: Fp8Weights, act: str, m: int) -> bool:
     return (w.weight.is_cuda and w.granularity == "block" and w.cublas_grid and act == "token_group"
             and m >= CUBLAS_BLOCK_MIN_M and w.k % 512 == 0 and w.n % 16 == 0  # scale grid K/128 % 4 == 0
-            and hasattr(torch.nn.functional, "scaled_mm"))
+            and cublas_block_scaling(w.weight.device))
 
 
 def select_thresholds(w: Fp8Weights) -> dict:

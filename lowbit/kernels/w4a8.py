@@ -77,7 +77,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import fp8_block
-from lowbit.kernels.fp8_gemm import _device_ok, load_config
+from lowbit.kernels.fp8_gemm import _device_ok, cublas_block_scaling, load_config
 from lowbit.kernels.quant_act import GRANULARITIES, fake_quantize_act_fp8, quantize_fp8
 from lowbit.kernels.w4a16 import W4A16Weights, w4a16_gemm, w4a16_repack
 from lowbit.kernels.w4a16_fp8act import FP8_ACT_MAX_M, fp8act_config, w4a16_gemm_fp8act
@@ -156,7 +156,7 @@ def _scales_f32(w: W4A8Weights) -> torch.Tensor:
 
 def cublas_ok(w: W4A8Weights, m: int) -> bool:
     return (w.w16.qweight.is_cuda and w.k % 128 == 0 and w.n % 16 == 0 and m >= CUBLAS_MIN_M
-            and hasattr(torch.nn.functional, "scaled_mm"))
+            and cublas_block_scaling(w.w16.qweight.device))
 
 
 @functools.lru_cache(maxsize=None)

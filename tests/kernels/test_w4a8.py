@@ -306,6 +306,17 @@ def test_gpu_selection_takes_w16_where_measured():
 
 
 @pytest.mark.gpu
+def test_gpu_no_cublas_block_scaling_on_sm89(monkeypatch):
+    """cuBLAS has no block-scaled fp8 modes before Hopper: on an sm89 device the large-M pick is the Triton GEMM."""
+    _, qweight, scales = _weights(2112, 7168, "cuda", scale_dtype=torch.bfloat16)
+    w = w4a8_repack(qweight, scales, 128, 7168)
+    assert pick_candidate(w, 4096, "tensor_static").startswith("dequant_cublas")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert pick_candidate(w, 4096, "tensor_static") == "dequant"
+    assert pick_candidate(w, 4096, "token_group") == "dequant"
+
+
+@pytest.mark.gpu
 def test_gpu_selection_x128_where_measured():
     """configs/w4a8_select.json x128: per-tensor activations take x's scale as 128x128 blocks from the measured M
     (7168x16384: 256, where w16 keeps static up to M = 512; 2112x7168: 4096; unmeasured shapes: 512); never for
