@@ -77,7 +77,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import fp8_block
-from lowbit.kernels.fp8_gemm import _device_ok, cublas_block_scaling, load_config
+from lowbit.kernels.fp8_gemm import _device_ok, _m_range, cublas_block_scaling, load_config
 from lowbit.kernels.quant_act import GRANULARITIES, fake_quantize_act_fp8, quantize_fp8
 from lowbit.kernels.w4a16 import W4A16Weights, w4a16_gemm, w4a16_repack
 from lowbit.kernels.w4a16_fp8act import FP8_ACT_MAX_M, fp8act_config, w4a16_gemm_fp8act
@@ -165,13 +165,6 @@ def _select() -> dict:
     return {**_DEFAULT_SELECT, **{k: v for k, v in load_config("w4a8_select").items() if k in _DEFAULT_SELECT}}
 
 
-def _bounds(r) -> tuple[int, int]:
-    """A w4a8_select.json [lo, hi] M range (hi null: unbounded; absent: empty) as inclusive ints."""
-    if r is None:
-        return 0, -1
-    return int(r[0]), (1 << 62) if r[1] is None else int(r[1])
-
-
 @functools.lru_cache(maxsize=None)
 def _ranges(n: int, k: int, act: str) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """The M ranges of the w16 candidate (measured for this shape, else w16_default), of fused_pre (measured only)
@@ -180,7 +173,8 @@ def _ranges(n: int, k: int, act: str) -> tuple[tuple[int, int], tuple[int, int],
     sel = _select()
     w16 = sel["w16"].get(f"{n}x{k}", {}).get(act, sel["w16_default"])
     x128 = sel["x128"].get(f"{n}x{k}", sel["x128_default"]) if act in _PER_TENSOR else None
-    return _bounds(w16), _bounds(sel["fused_pre"].get(f"{n}x{k}", {}).get(act)), _bounds(x128)
+    return (_m_range("w16", w16), _m_range("fused_pre", sel["fused_pre"].get(f"{n}x{k}", {}).get(act)),
+            _m_range("x128", x128))
 
 
 def fused_config(w: W4A8Weights, m: int, device, act: str | None = None) -> dict:
