@@ -664,20 +664,132 @@ def rows_tune(out_dir: str, budget_s: float = 240, passes: int = 2, shapes=None,
             "rounds; a range where rows was fastest and >= 3% faster in every round"
             + (", confirmed by a second run" if confirm else "") + " (fp8_rows_tune.json)")
 
+    return _save_select("rows_tune", out_dir, select, upd_select, res, dev, t0)
+
+
+def _save_select(name: str, out_dir: str, select: dict, upd_select, res: dict, dev: str, t0: float) -> dict:
+    """Writes a tuning pass's choices into fp8_select.json (when it made any) and everything it timed into
+    <out_dir>/fp8_<name>.json."""
     if select:
         _write_config("fp8_select", upd_select)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "fp8_rows_tune.json"), "w") as f:
+    with open(os.path.join(out_dir, f"fp8_{name}.json"), "w") as f:
         json.dump({"rows": res, "select": select, "device": dev, "seconds": time.time() - t0}, f, indent=1)
-    print(f"rows_tune: {time.time() - t0:.0f} s", flush=True)
+    print(f"{name}: {time.time() - t0:.0f} s", flush=True)
     return select
+
+
+# ---- joint mid-M choice: small_m vs every cuBLAS block-wise call form (fp8_select.json cublas_block_calls) ----------
+
+MID_MS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def _call_forms(n: int, k: int) -> list[tuple[int, bool, bool]]:
+    """(split_k, split_n, rows) forms of fp8_gemm._cublas_block for one shape (split_n only beside one K piece)."""
+    forms = [(p, False, rows) for p in (1, 2, 4) if p <= k // 512 for rows in (False, True)]
+    if n % 128:
+        forms += [(1, True, False), (1, True, True)]
+    return forms
+
+
+def mid_tune(out_dir: str, budget_s: float = 300, passes: int = 2, shapes=None) -> dict:
+    """Per block-weight shape and M = 16..1024, end to end from bf16 x (activation quantization included), all timed
+    against each other in `passes` interleaved rounds (bench.common.Interleaved, rotated weight copies): small_m as
+    the selection runs it (M <= 256) and quantize_fp8 + cuBLAS block-wise in every call form of _call_forms; bf16 and
+    per-tensor fp8 cuBLAS beside them as peers. split_tune and rows_tune chose split_k and rows one at a time, each
+    with the other fixed; here every combination competes (H200, 2112x7168 M = 256: rows alone 13.0 us where the
+    table's split_k 2 took 21.2). The fastest form by mean becomes the shape's bucket of
+    block.shapes["NxK"].cublas_block_calls {"<M>": [split_k, split_n, rows]} and small_m keeps the M from 16 up
+    where it is faster than that; a choice that differs from the current selection is kept only where it is >= 3%
+    faster in every round. Everything timed goes to <out_dir>/fp8_mid_tune.json."""
+    from bench.common import Interleaved
+    from lowbit.kernels.fp8_gemm import _cublas_block, cublas_block_split, fp8_linear, pick_candidate
+    from lowbit.kernels.quant_act import quantize_fp8
+
+    t0 = time.time()
+    shapes = shapes or [s for v in SHAPES.values() for s in v]
+    res: dict = {}
+    select: dict = {}
+    one = torch.ones((), device="cuda")
+    for n, k in shapes:
+        if time.time() - t0 > budget_s:
+            print(f"mid_tune: budget, skipped {n}x{k}", flush=True)
+            continue
+        sets = fp8_weight_sets(n, k, copies_for(n * k))
+        Ws = [s["block"] for s in sets]
+        bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies_for(2 * n * k))]
+        forms = _call_forms(n, k)
+        calls, small_wins = {}, {}
+        for m in MID_MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xqt, _ = quantize_fp8(x, "tensor_dynamic")
+            cur = pick_candidate(Ws[0], "token_group", m)
+            cur_name = "small_m" if cur == "small_m" else "cb%d%s%s" % cublas_block_split(Ws[0], m)
+            groups = {}
+            if m <= 256:
+                groups["small_m"] = [lambda W=W: fp8_linear(x, W, "token_group", candidate="small_m") for W in Ws]
+
+            def cb(W, form):
+                xq, xs = quantize_fp8(x, "token_group", column_major_scales=True)
+                return _cublas_block(xq, xs, W, None, torch.bfloat16, *form)
+
+            for f in forms:
+                groups["cb%d%s%s" % f] = [lambda W=W, f=f: cb(W, f) for W in Ws]
+            t: dict = {}
+            for _ in range(passes):
+                timer = Interleaved(lambda fns: math.ceil(12 / len(fns)))
+                timer.add("bf16", [lambda w=w: torch.nn.functional.linear(x, w) for w in bf16])
+                timer.add("tensor_fp8", [lambda W=W: torch._scaled_mm(xqt, W.weight.t(), one, one,
+                                                                      out_dtype=torch.bfloat16) for W in Ws])
+                for name, fns in groups.items():
+                    timer.add(name, fns)
+                for name, us in timer.run().items():
+                    t.setdefault(name, []).append(us or float("inf"))
+            mean = {v: sum(ts) / len(ts) for v, ts in t.items()}
+            cands = [v for v in groups if v in mean]
+            best = min(cands, key=lambda v: mean[v])
+            if best != cur_name and cur_name in t and not all(a < 0.97 * c for a, c in zip(t[best], t[cur_name])):
+                best = cur_name  # not a clear win: the current choice stays
+            best_cb = min((v for v in cands if v != "small_m"), key=lambda v: mean[v])
+            if best.startswith("cb"):
+                best_cb = best
+            calls[m] = next(list(f) for f in forms if "cb%d%s%s" % f == best_cb)
+            small_wins[m] = best == "small_m"
+            res.setdefault(f"{n}x{k}", {})[str(m)] = {"us": t, "current": cur_name, "choice": best}
+            print(f"  {n}x{k} M={m}: current {cur_name} {mean.get(cur_name, 0):.1f} -> {best} {mean[best]:.1f} us "
+                  f"(bf16 {mean['bf16']:.1f}, tensor fp8 {mean['tensor_fp8']:.1f}) | "
+                  + " ".join(f"{v}:{mean[v]:.1f}" for v in cands), flush=True)
+        small_max = 15
+        for m in MID_MS:
+            if small_wins.get(m):
+                small_max = m
+            else:
+                break
+        select[f"{n}x{k}"] = {"cublas_block_calls": {str(m): c for m, c in calls.items()},
+                              "small_m_max": small_max, "cublas_block_min_m": small_max + 1}
+        print(f"  {n}x{k}: {select[f'{n}x{k}']}", flush=True)
+        del sets, Ws, bf16
+        torch.cuda.empty_cache()
+    dev = torch.cuda.get_device_name()
+
+    def upd_select(cfg):
+        shapes_cfg = cfg.setdefault("block", {}).setdefault("shapes", {})
+        for key, entry in select.items():
+            shapes_cfg[key] = {**shapes_cfg.get(key, {}), **entry}
+        cfg["_mid_source"] = (
+            f"bench/kernels/fp8_tune.py mid_tune on {dev}, {time.strftime('%Y-%m-%d')}: M = 16..1024 end to end from "
+            "bf16 x, small_m vs quantize_fp8 + cuBLAS block-wise in every (split_k, split_n, rows) form, "
+            f"interleaved CUDA-graph replay over rotated weight copies, {passes} rounds; a change kept where >= 3% "
+            "faster in every round (fp8_mid_tune.json)")
+
+    return _save_select("mid_tune", out_dir, select, upd_select, res, dev, t0)
 
 
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.kernels.fp8_tune")
-    parser.add_argument("what", choices=["sweep", "retime", "warm_bench", "split_tune", "rows_tune"])
+    parser.add_argument("what", choices=["sweep", "retime", "warm_bench", "split_tune", "rows_tune", "mid_tune"])
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--budget", type=float, default=140)
     parser.add_argument("--workers", type=int, default=12)
@@ -693,6 +805,8 @@ if __name__ == "__main__":
         split_tune(a.out, a.budget)
     elif a.what == "rows_tune":
         rows_tune(a.out, a.budget, confirm=a.confirm)
+    elif a.what == "mid_tune":
+        mid_tune(a.out, a.budget)
     elif a.what == "retime":
         retime(a.prev, a.out, a.config, a.budget, a.workers, wait_for=a.wait_for)
     else:

@@ -26,6 +26,10 @@ split_n (the rows past the last whole 128 beside the main call: 2112 = 16.5 x 12
 and rows: the same math as BlockWise1x128 x BlockWise1x128, each 128x128 block scale repeated on its 128 weight rows
 ([N, K/128] column-major, made once per weight), which cuBLAS runs with other kernels (H100, 2112x7168 at M = 2048:
 61.4 vs 70.8 us; slower on 4096x7168 and 7168x16384), so it is chosen per shape and M range by measurement.
+At M = 16..1024 the form (split_k, split_n, rows) and the small_m / cuBLAS crossover come from one joint measurement
+per shape (bench/kernels/fp8_tune.py mid_tune, "cublas_block_calls"): split_tune and rows_tune had each chosen one
+knob with the other fixed, which missed rows alone at small M (H100, end to end from bf16 x, 2112x7168: M = 128
+14.4 vs 20.4 us, M = 256 16.9 vs 25.7 us; 4096x4096 M = 64 12.2 vs 16.1 us; bf16 cuBLAS 17.7 / 20.1 / 15.1 us).
 Not used: the transposed call (W as cuBLAS's first operand with 128x128 scales, x^T with 1x128) writes y^T; alone
 it was faster at M = 2048 on 7168x16384 (413 vs 457 us, H100), but with the copy back (yt.t().contiguous()) it was
 slower on all 14 sweep shapes at M = 512..8192 (e.g. 7168x16384 M = 2048: 533 vs 375 us).
@@ -166,19 +170,27 @@ def fp8_repack(weight: torch.Tensor, weight_scale: torch.Tensor, granularity: st
         w.block = (bn, bk)
         # cuBLAS indexes the grid by (n // 128): true when every shard but the last is whole 128-row blocks
         w.cublas_grid = bn == 128 and all(s % 128 == 0 for s in shard_sizes[:-1])
-        if w.cublas_grid and k % 512 == 0:  # the K pieces the measured split_k configs use, made once here
-            splits = load_config("fp8_select").get("block", {}).get("shapes", {}).get(f"{n}x{k}", {})
-            for parts in set(splits.get("cublas_block_split_k", {}).values()):
-                for k0, k1 in _k_chunks(k, parts):
-                    _grid_chunk(w, k0, k1)
-            _, _, rows_m, rows_n_m = _split_table(n, k)
-            for rng, split_n in ((rows_m, False), (rows_n_m, True)):  # the rows variant's scales, made once here
-                if rng[0] <= rng[1]:
-                    for parts in {1, *splits.get("cublas_block_split_k", {}).values()}:
-                        for n0, n1 in _n_pieces(n, split_n):
-                            for k0, k1 in _k_chunks(k, parts):
-                                _rows_scales(w, n0, n1, k0, k1)
+        if w.cublas_grid and k % 512 == 0:  # the scale slices of every configured call form, made once here
+            buckets, _, rows_m, rows_n_m = _split_table(n, k)
+            parts_all = {1, *(p for _, p in buckets)}
+            forms = {(p, False, False) for p in parts_all}
+            forms |= {(p, split_n, True) for rng, split_n in ((rows_m, False), (rows_n_m, True)) if rng[0] <= rng[1]
+                      for p in parts_all}
+            forms |= {c for _, c in _calls_table(n, k)}
+            for form in forms:
+                _call_scales(w, *form)
     return w
+
+
+def _call_scales(w: Fp8Weights, split_k: int, split_n: bool, rows: bool) -> None:
+    """Makes (and keeps) the weight-scale slices _cublas_block reads in this call form."""
+    chunks = _k_chunks(w.k, split_k)
+    for k0, k1 in chunks:
+        if rows:
+            for n0, n1 in (_n_pieces(w.n, split_n) if len(chunks) == 1 else [(0, w.n)]):
+                _rows_scales(w, n0, n1, k0, k1)
+        elif len(chunks) > 1:
+            _grid_chunk(w, k0, k1)
 
 
 def _cublas_ok(w: Fp8Weights, act: str, m: int, out_dtype) -> bool:
@@ -222,10 +234,15 @@ def select_thresholds(w: Fp8Weights) -> dict:
 
 def cublas_block_split(w: Fp8Weights, m: int) -> tuple[int, bool, bool]:
     """(split_k, split_n, rows) of the cuBLAS block-wise call at M rows: configs/fp8_select.json block.shapes["NxK"]
-    "cublas_block_split_k" {"<max M>": pieces} (smallest bucket >= M; none above the largest),
-    "cublas_block_split_n_min_m", and the rows variant's M ranges "cublas_block_rows_m" / "cublas_block_rows_split_n_m"
-    [lo, hi] (inclusive, hi null: no bound; inside the second, rows with split_n; inside either, split_n only there).
-    Measured per shape; (1, False, False) elsewhere."""
+    "cublas_block_calls" {"<max M>": [split_k, split_n, rows]} (bench/kernels/fp8_tune.py mid_tune: every form timed
+    against the others; the smallest bucket >= M), else "cublas_block_split_k" {"<max M>": pieces} (smallest bucket
+    >= M; none above the largest), "cublas_block_split_n_min_m", and the rows variant's M ranges
+    "cublas_block_rows_m" / "cublas_block_rows_split_n_m" [lo, hi] (inclusive, hi null: no bound; inside the second,
+    rows with split_n; inside either, split_n only there). Measured per shape; (1, False, False) elsewhere."""
+    calls = _calls_table(w.n, w.k)
+    call = next((c for b, c in calls if m <= b), None)
+    if call is not None:
+        return call
     buckets, split_n_min_m, rows_m, rows_n_m = _split_table(w.n, w.k)
     split_k = next((s for b, s in buckets if m <= b), 1)
     if rows_n_m[0] <= m <= rows_n_m[1]:
@@ -254,6 +271,21 @@ def _split_table(n: int, k: int) -> tuple[tuple[tuple[int, int], ...], int, tupl
     return (buckets, entry.get("cublas_block_split_n_min_m", 1 << 62),
             _m_range("cublas_block_rows_m", entry.get("cublas_block_rows_m")),
             _m_range("cublas_block_rows_split_n_m", entry.get("cublas_block_rows_split_n_m")))
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_table(n: int, k: int) -> tuple[tuple[int, tuple[int, bool, bool]], ...]:
+    """((max M, (split_k, split_n, rows)) sorted by M) of one shape's "cublas_block_calls", checked once."""
+    table = load_config("fp8_select").get("block", {}).get("shapes", {}).get(f"{n}x{k}", {}).get(
+        "cublas_block_calls", {})
+    out = []
+    for b, c in table.items():
+        if not (str(b).isdigit() and isinstance(c, list) and len(c) == 3 and isinstance(c[0], int) and c[0] >= 1
+                and all(isinstance(v, bool) for v in c[1:])):
+            raise ValueError(f"fp8_select.json: block.shapes[{n}x{k}].cublas_block_calls[{b!r}] must map a max M to "
+                             f"[split_k >= 1, split_n, rows], got {c!r}")
+        out.append((int(b), (c[0], c[1], c[2])))
+    return tuple(sorted(out))
 
 
 def pick_candidate(w: Fp8Weights, act: str, m: int, out_dtype=torch.bfloat16) -> str:

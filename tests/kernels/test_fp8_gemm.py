@@ -244,6 +244,7 @@ def test_cublas_block_rows_config_range(monkeypatch):
     cfg = {"block": {"shapes": {"192x512": entry, "320x512": {"cublas_block_rows_m": [300, 300]}}}}
     monkeypatch.setattr(fp8_gemm, "load_config", lambda name: cfg if name == "fp8_select" else {})
     fp8_gemm._split_table.cache_clear()
+    fp8_gemm._calls_table.cache_clear()
     try:
         W = fp8_repack(*_weights(192, 512, "block", [192]), "block", [192], BLOCK)
         assert W.rows_scales  # made once at load for the configured ranges
@@ -255,10 +256,37 @@ def test_cublas_block_rows_config_range(monkeypatch):
         assert [cublas_block_split(W2, m)[2] for m in (299, 300, 301)] == [False, True, False]
         cfg["block"]["shapes"]["192x512"] = {"cublas_block_rows_m": [200]}
         fp8_gemm._split_table.cache_clear()
+        fp8_gemm._calls_table.cache_clear()
         with pytest.raises(ValueError, match="cublas_block_rows_m"):
             cublas_block_split(W, 256)
     finally:
         fp8_gemm._split_table.cache_clear()
+        fp8_gemm._calls_table.cache_clear()
+
+
+def test_cublas_block_calls_table(monkeypatch):
+    """cublas_block_calls buckets (smallest max M >= M) decide the whole call form up to their largest M; past it the
+    split_k / rows tables apply; the scale slices of every configured form are made at load; a malformed entry is
+    an error that names the shape and the bucket."""
+    entry = {"cublas_block_calls": {"512": [1, False, True], "128": [2, False, False]},
+             "cublas_block_split_k": {"64": 4, "2048": 2}, "cublas_block_rows_m": [2048, None]}
+    cfg = {"block": {"shapes": {"192x1024": entry}}}
+    monkeypatch.setattr(fp8_gemm, "load_config", lambda name: cfg if name == "fp8_select" else {})
+    fp8_gemm._split_table.cache_clear()
+    fp8_gemm._calls_table.cache_clear()
+    try:
+        W = fp8_repack(*_weights(192, 1024, "block", [192]), "block", [192], BLOCK)
+        expect = {16: (2, False, False), 128: (2, False, False), 129: (1, False, True), 512: (1, False, True),
+                  513: (2, False, False), 2048: (2, False, True), 4096: (1, False, True)}
+        assert {m: cublas_block_split(W, m) for m in expect} == expect
+        assert (0, 192, 0, 1024) in W.rows_scales and (0, 512) in W.grid_chunks  # made at load
+        cfg["block"]["shapes"]["192x1024"] = {"cublas_block_calls": {"64": [0, False, True]}}
+        fp8_gemm._calls_table.cache_clear()
+        with pytest.raises(ValueError, match=r"192x1024\].cublas_block_calls\['64'\]"):
+            cublas_block_split(W, 32)
+    finally:
+        fp8_gemm._split_table.cache_clear()
+        fp8_gemm._calls_table.cache_clear()
 
 
 def test_rows_scales_layout():
@@ -407,6 +435,7 @@ def test_gpu_selection_runs_rows(monkeypatch):
     cfg = {"block": {"shapes": {f"{n}x{k}": {"cublas_block_min_m": 129, "cublas_block_rows_split_n_m": [512, 2048]}}}}
     monkeypatch.setattr(fp8_gemm, "load_config", lambda name: cfg if name == "fp8_select" else {})
     fp8_gemm._split_table.cache_clear()
+    fp8_gemm._calls_table.cache_clear()
     try:
         w, s = _weights(n, k, "block", shards, "cuda")
         W = fp8_repack(w, s, "block", shards, BLOCK)
@@ -417,6 +446,7 @@ def test_gpu_selection_runs_rows(monkeypatch):
                torch.bfloat16, "selected rows")
     finally:
         fp8_gemm._split_table.cache_clear()
+        fp8_gemm._calls_table.cache_clear()
 
 
 @pytest.mark.gpu
