@@ -5,7 +5,7 @@ then quantize; counted once, so its fraction shows the cost of the second pass).
 of the device-to-device copy bandwidth (read + write) measured in the same run; the target is >= 70% at
 8192 x 7168. Peer: the eager torch reference (reference.quantize_fp8_ref; F.silu * up first for SiLU).
 `mlp_down` rows time a whole fp8 down_proj with the SiLU-mul fused into its input quantization against the
-unfused sequence (torch SiLU-mul, then the GEMM that quantizes its input).
+unfused sequence (torch SiLU-mul, then the GEMM that quantizes its input); `mlp_down_w4a8` rows the same for w4a8.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import print_table, rooflines, save_section
-from bench.kernels.fp8 import copies_for, safe_us
+from bench.kernels.fp8 import copies_for, safe_us, timer
 
 GRANS = ["tensor_static", "tensor_dynamic", "token", "token_group"]
 M_ALL = [1, 16, 128, 1024, 4096, 8192]
@@ -44,6 +44,15 @@ def bench_case(op, k, m, gran, roof, dtype=torch.bfloat16):
     return r
 
 
+def _pair(fused_fns, unfused_fns) -> tuple:
+    """(fused us, unfused us), their CUDA graphs replayed in turn (bench.common.Interleaved): the same clocks."""
+    t = timer()
+    t.add("fused", fused_fns)
+    t.add("unfused", unfused_fns)
+    r = t.run()
+    return r["fused"], r["unfused"]
+
+
 def bench_mlp_down(m, gran, n=7168, inter=18432, dtype=torch.bfloat16):
     """down_proj(silu(gate) * up) with fp8 weights (DeepSeek-V3 dense MLP): SiLU-mul fused into the activation
     quantization (what the triton_fp8 backend runs) against torch's SiLU-mul followed by the quantizing GEMM."""
@@ -64,9 +73,26 @@ def bench_mlp_down(m, gran, n=7168, inter=18432, dtype=torch.bfloat16):
     def unfused(h):
         return fp8_linear(F.silu(h[:, :inter]) * h[:, inter:], wts, gran, out_dtype=dtype)
 
-    us = safe_us([lambda h=h: fused(h) for h in hs])
-    ref = safe_us([lambda h=h: unfused(h) for h in hs])
+    us, ref = _pair([lambda h=h: fused(h) for h in hs], [lambda h=h: unfused(h) for h in hs])
     return {"op": "mlp_down", "M": m, "K": inter, "gran": gran, "us": us, "torch_ref_us": ref,
+            "x_torch": ref / us if us and ref else None}
+
+
+def bench_mlp_down_w4a8(m, gran, n=7168, inter=18432, dtype=torch.bfloat16):
+    """The same down_proj with int4 group-128 weights and fp8 activations (w4a8: tensor_static is W4A8-AWQ's
+    per-tensor input scale): w4a8_linear with silu_mul (what the triton_w4a8 backend runs from FUSE_SILU_MIN_M
+    tokens on) against torch's SiLU-mul followed by w4a8_linear. Below that M w4a8_linear forms the product first
+    where its GEMM quantizes in-kernel, so the two columns time the same work there."""
+    from lowbit.kernels.reference import pack_int32
+    from lowbit.kernels.w4a8 import w4a8_linear, w4a8_repack
+
+    q = pack_int32(torch.randint(0, 16, (n, inter), device="cuda", dtype=torch.int32), 4)
+    wts = w4a8_repack(q, torch.rand(n, inter // 128, device="cuda") * 1e-2 + 1e-3, 128, inter)
+    scale = torch.tensor([0.02], device="cuda") if gran == "tensor_static" else None
+    hs = [torch.randn(m, 2 * inter, device="cuda", dtype=dtype) for _ in range(copies_for(4 * m * inter, cap=4))]
+    us, ref = _pair([lambda h=h: w4a8_linear(h, wts, gran, scale, silu_mul=True) for h in hs],
+                    [lambda h=h: w4a8_linear(F.silu(h[:, :inter]) * h[:, inter:], wts, gran, scale) for h in hs])
+    return {"op": "mlp_down_w4a8", "M": m, "K": inter, "gran": gran, "us": us, "torch_ref_us": ref,
             "x_torch": ref / us if us and ref else None}
 
 
@@ -86,6 +112,10 @@ def main(args) -> None:
         for gran in ("token", "token_group"):
             rows.append(bench_mlp_down(m, gran))
             print(f"  mlp_down M={m} {gran}: fused {rows[-1]['us']} us, unfused {rows[-1]['torch_ref_us']} us", flush=True)
+        for gran in ("tensor_static", "token_group"):
+            rows.append(bench_mlp_down_w4a8(m, gran))
+            print(f"  mlp_down_w4a8 M={m} {gran}: fused {rows[-1]['us']} us, unfused {rows[-1]['torch_ref_us']} us",
+                  flush=True)
     print_table(rows, ["op", "M", "K", "gran", "us", "GBps", "pct_copy", "torch_ref_us", "x_torch"])
     payload = {"rooflines": roof, "rows": rows, "quick": bool(args.quick), "ms": ms, "dtype": "bfloat16",
                "timing": "CUDA graph replay over rotated inputs"}

@@ -15,6 +15,9 @@ differ from torch's in the last fp32 bit, so h - and through the scale the fp8 c
 | token          | [M, K]             | [M, K] e4m3  | [M, 1]                                        |
 | token_group    | [M, K]             | [M, K] e4m3  | [M, ceil(K/G)] (column_major_scales: strides (1, M), what the GEMMs read) |
 silu_mul_quantize_fp8 takes x [M, 2I] = gate | up and returns xq [M, I] with the scales above for K = I.
+pre_quant_scale [K] (x's dtype; AWQ smoothing as ModelOpt W4A8-AWQ stores it, on o_proj / down_proj): x (or the
+SiLU product) times it, rounded to x's dtype as the unfused `x * pre_quant_scale`, is what gets quantized, in the
+same pass (quantize_fp8, silu_mul_quantize_fp8, fake_quantize_act_fp8).
 
 Under TRITON_INTERPRET the CPU interpreter's fp32 -> e4m3 cast does not round correctly, so the kernels
 build the e4m3 bits with integer arithmetic there (SOFT_CAST); on the GPU the hardware cvt.rn.satfinite.
@@ -127,16 +130,32 @@ def quantize_tile_rcp(xf, inv_s, SOFT: tl.constexpr):
 
 
 @triton.jit
-def _load_act(ptrs, mask, half, SILU: tl.constexpr):
-    """x tile as fp32; SILU: silu(x[.., :I]) * x[.., I:] with the model-dtype roundings of the unfused op."""
+def _rounded(v, DT: tl.constexpr):
+    """fp32 v rounded to DT (nearest even) and back to fp32; the interpreter truncates to bf16, so there the
+    rounding is done on the bits."""
+    if TORCH_CPU_DIV and DT == tl.bfloat16:  # (TORCH_CPU_DIV: running in the interpreter)
+        u = v.to(tl.int32, bitcast=True)
+        out = ((u + 0x7FFF + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    else:
+        out = v.to(DT).to(tl.float32)
+    return out
+
+
+@triton.jit
+def _load_act(ptrs, mask, half, SILU: tl.constexpr, pqs_ptrs, PQS: tl.constexpr):
+    """x tile as fp32; SILU: silu(x[.., :I]) * x[.., I:] with the model-dtype roundings of the unfused op; PQS:
+    then times the per-column pre_quant_scale (pqs_ptrs: its address per column, in x's dtype), rounded to x's
+    dtype as the unfused `x * pre_quant_scale` is."""
     x = tl.load(ptrs, mask=mask, other=0.0)
     if SILU:
         up = tl.load(ptrs + half, mask=mask, other=0.0)
         g = x.to(tl.float32)
-        act = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(x.dtype).to(tl.float32)
-        h = (act * up.to(tl.float32)).to(x.dtype).to(tl.float32)
+        act = _rounded(tl.math.div_rn(g, 1.0 + tl.exp(-g)), x.dtype)
+        h = _rounded(act * up.to(tl.float32), x.dtype)
     else:
         h = x.to(tl.float32)
+    if PQS:
+        h = _rounded(h * tl.load(pqs_ptrs, mask=mask, other=0.0).to(tl.float32), x.dtype)
     return h
 
 
@@ -156,11 +175,11 @@ def _out(q, s, y_ptr, DEQ: tl.constexpr, SOFT: tl.constexpr):
 
 @triton.jit
 def quant_fp8_rows_kernel(
-    x_ptr, y_ptr, s_ptr, amax_ptr,  # x [M, K or 2K], y [M, K] e4m3, s: [1] (static) / [M] (token, out) / [1] (dyn, out)
-    M, K, stride_xm, stride_xk, stride_ym, stride_sm,
+    x_ptr, y_ptr, s_ptr, amax_ptr, pqs_ptr,  # x [M, K or 2K], y [M, K] e4m3, s: [1] (static) / [M] (token, out) /
+    M, K, stride_xm, stride_xk, stride_ym, stride_sm,  # [1] (dyn, out); pqs [K] (PQS)
     MODE: tl.constexpr,  # 0 static scale, 1 tensor_dynamic (scale from the global amax), 2 token
     SILU: tl.constexpr, SINGLE: tl.constexpr, SOFT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr = False, PQS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -177,7 +196,7 @@ def quant_fp8_rows_kernel(
             tl.store(s_ptr, tl.max(s, axis=0))
     if SINGLE:  # the whole row in registers: one read
         mask = mask_m[:, None] & (offs_k[None, :] < K)
-        h = _load_act(x_rows + offs_k[None, :] * stride_xk, mask, half, SILU)
+        h = _load_act(x_rows + offs_k[None, :] * stride_xk, mask, half, SILU, pqs_ptr + offs_k[None, :], PQS)
         if MODE == 2:
             s = fp8_scale(tl.max(tl.abs(h), axis=1), False)  # [BLOCK_M]
             tl.store(s_ptr + offs_m * stride_sm, s, mask=mask_m)
@@ -188,30 +207,33 @@ def quant_fp8_rows_kernel(
             amax = tl.zeros([BLOCK_M], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 mask = mask_m[:, None] & (k0 + offs_k[None, :] < K)
-                h = _load_act(x_rows + (k0 + offs_k[None, :]) * stride_xk, mask, half, SILU)
+                h = _load_act(x_rows + (k0 + offs_k[None, :]) * stride_xk, mask, half, SILU,
+                              pqs_ptr + k0 + offs_k[None, :], PQS)
                 amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
             s = fp8_scale(amax, False)
             tl.store(s_ptr + offs_m * stride_sm, s, mask=mask_m)
         for k0 in range(0, K, BLOCK_K):
             mask = mask_m[:, None] & (k0 + offs_k[None, :] < K)
-            h = _load_act(x_rows + (k0 + offs_k[None, :]) * stride_xk, mask, half, SILU)
+            h = _load_act(x_rows + (k0 + offs_k[None, :]) * stride_xk, mask, half, SILU, pqs_ptr + k0 + offs_k[None, :],
+                          PQS)
             q = quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT)
             tl.store(y_rows + k0 + offs_k[None, :], _out(q, s[:, None], y_ptr, DEQ, SOFT), mask=mask)
 
 
 @triton.jit
 def quant_fp8_groups_kernel(
-    x_ptr, y_ptr, s_ptr,  # x [M, K or 2K], y [M, K] e4m3, s [M, ceil(K/G)] with strides (stride_sm, stride_sg)
-    M, K, stride_xm, stride_xk, stride_ym, stride_sm, stride_sg,
+    x_ptr, y_ptr, s_ptr, pqs_ptr,  # x [M, K or 2K], y [M, K] e4m3, s [M, ceil(K/G)] (strides (stride_sm, stride_sg)),
+    M, K, stride_xm, stride_xk, stride_ym, stride_sm, stride_sg,  # pqs [K] (PQS)
     G: tl.constexpr, UE8M0: tl.constexpr, SILU: tl.constexpr, SOFT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, DEQ: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, DEQ: tl.constexpr = False, PQS: tl.constexpr = False,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     offs_k = offs_g[None, :, None] * G + tl.arange(0, G)[None, None, :]  # [1, BLOCK_G, G]
     mask = (offs_m[:, None, None] < M) & (offs_k < K)
     rows = offs_m[:, None, None].to(tl.int64)
-    h = _load_act(x_ptr + rows * stride_xm + offs_k * stride_xk, mask, K * stride_xk, SILU)  # [BM, BG, G]
+    h = _load_act(x_ptr + rows * stride_xm + offs_k * stride_xk, mask, K * stride_xk, SILU, pqs_ptr + offs_k,
+                  PQS)  # [BM, BG, G]
     s = fp8_scale(tl.max(tl.abs(h), axis=2), UE8M0)  # [BM, BG]
     s_mask = (offs_m[:, None] < M) & (offs_g[None, :] * G < K)
     tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_g[None, :] * stride_sg, s, mask=s_mask)
@@ -220,8 +242,8 @@ def quant_fp8_groups_kernel(
 
 
 @triton.jit
-def amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, stride_xk, K_SPLIT,
-                SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def amax_kernel(x_ptr, amax_ptr, pqs_ptr, M, K, stride_xm, stride_xk, K_SPLIT,
+                SILU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PQS: tl.constexpr = False):
     """amax over [M, K] (of h for SILU) into amax_ptr[0] (zeroed by the caller), one atomic per program; program
     (i, j) covers rows [i * BLOCK_M, +BLOCK_M) and columns [j * K_SPLIT, +K_SPLIT) in BLOCK_K steps."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -231,7 +253,8 @@ def amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, stride_xk, K_SPLIT,
     acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for k0 in range(k_lo, tl.minimum(K, k_lo + K_SPLIT), BLOCK_K):
         mask = (offs_m[:, None] < M) & (k0 + offs_k[None, :] < K) & (k0 + offs_k[None, :] < k_lo + K_SPLIT)
-        h = _load_act(rows + (k0 + offs_k[None, :]) * stride_xk, mask, K * stride_xk, SILU)
+        h = _load_act(rows + (k0 + offs_k[None, :]) * stride_xk, mask, K * stride_xk, SILU,
+                      pqs_ptr + k0 + offs_k[None, :], PQS)
         acc = tl.maximum(acc, tl.abs(h))
     tl.atomic_max(amax_ptr, tl.max(tl.max(acc, axis=1), axis=0))
 
@@ -252,8 +275,9 @@ def _check(x: torch.Tensor, granularity: str, scale, group_size: int, what: str)
         raise ValueError(f"{what}: group_size {group_size} is not supported; supported: powers of two >= 16")
 
 
-def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, silu, deq=False):
+def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, silu, deq=False, pqs=None):
     m = x.shape[0]
+    pqs_arg = pqs if pqs is not None else x
     y = torch.empty((m, k), dtype=x.dtype if deq else FP8, device=x.device)
     soft = soft_cast()
     if granularity == "token_group":
@@ -265,9 +289,9 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
         block_g = min(triton.next_power_of_2(ng), max(1, GROUP_TILE_ELEMS // group_size))
         block_m = max(1, GROUP_TILE_ELEMS // (block_g * group_size))
         grid = (triton.cdiv(m, block_m), triton.cdiv(ng, block_g))
-        quant_fp8_groups_kernel[grid](x, y, s, m, k, x.stride(0), x.stride(1), y.stride(0), s.stride(0), s.stride(1),
-                                      G=group_size, UE8M0=ue8m0, SILU=silu, SOFT=soft, BLOCK_M=block_m,
-                                      BLOCK_G=block_g, DEQ=deq, num_warps=4)
+        quant_fp8_groups_kernel[grid](x, y, s, pqs_arg, m, k, x.stride(0), x.stride(1), y.stride(0), s.stride(0),
+                                      s.stride(1), G=group_size, UE8M0=ue8m0, SILU=silu, SOFT=soft, BLOCK_M=block_m,
+                                      BLOCK_G=block_g, DEQ=deq, PQS=pqs is not None, num_warps=4)
         return y, s
     single = k <= ROWS_MAX_SINGLE_K
     block_k = max(16, triton.next_power_of_2(k)) if single else ROWS_BLOCK_K_LOOP
@@ -284,8 +308,9 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
             bm = max(1, AMAX_BLOCK_K // bk)
             # whole rows per program once M fills the GPU (fewer atomics, loads in flight over the K loop)
             split = k if m >= AMAX_ROWS_MIN_M else AMAX_SPLIT_K
-            amax_kernel[(triton.cdiv(m, bm), triton.cdiv(k, split))](x, amax, m, k, x.stride(0), x.stride(1), split,
-                                                                     SILU=silu, BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
+            amax_kernel[(triton.cdiv(m, bm), triton.cdiv(k, split))](x, amax, pqs_arg, m, k, x.stride(0), x.stride(1),
+                                                                     split, SILU=silu, BLOCK_M=bm, BLOCK_K=bk,
+                                                                     PQS=pqs is not None, num_warps=4)
         else:
             s_out.fill_(1e-12)
     else:
@@ -293,33 +318,54 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
     if m == 0 or k == 0:
         return y, s_out
     quant_fp8_rows_kernel[(triton.cdiv(m, block_m),)](
-        x, y, s_out, amax if amax is not None else s_out, m, k, x.stride(0), x.stride(1), y.stride(0),
+        x, y, s_out, amax if amax is not None else s_out, pqs_arg, m, k, x.stride(0), x.stride(1), y.stride(0),
         s_out.stride(0) if mode == 2 else 0, MODE=mode, SILU=silu, SINGLE=single, SOFT=soft,
-        BLOCK_M=block_m, BLOCK_K=block_k, DEQ=deq, num_warps=num_warps)
+        BLOCK_M=block_m, BLOCK_K=block_k, DEQ=deq, PQS=pqs is not None, num_warps=num_warps)
     return y, s_out
 
 
+def _pqs(pre_quant_scale, x: torch.Tensor, k: int, what: str):
+    """The per-column pre_quant_scale (AWQ smoothing) as the kernels read it, checked: [K] in x's dtype."""
+    if pre_quant_scale is None:
+        return None
+    if tuple(pre_quant_scale.shape) != (k,) or pre_quant_scale.dtype != x.dtype or pre_quant_scale.device != x.device:
+        raise ValueError(f"{what}: pre_quant_scale must be [K={k}] {x.dtype} on {x.device}, got "
+                         f"{pre_quant_scale.dtype} {tuple(pre_quant_scale.shape)} on {pre_quant_scale.device}")
+    return pre_quant_scale.contiguous()
+
+
 def quantize_fp8(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = None, group_size: int = 128,
-                 ue8m0: bool = False, column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (xq [M, K] e4m3, scale); the contract of reference.quantize_fp8_ref (ue8m0: token_group only)."""
+                 ue8m0: bool = False, column_major_scales: bool = False,
+                 pre_quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] e4m3, scale); the contract of reference.quantize_fp8_ref (ue8m0: token_group only).
+    pre_quant_scale [K] (x's dtype): x * pre_quant_scale rounded to x's dtype is what gets quantized (one pass)."""
     _check(x, granularity, scale, group_size, "quantize_fp8")
-    return _quantize(x, x.shape[1], granularity, scale, group_size, ue8m0, column_major_scales, silu=False)
+    pqs = _pqs(pre_quant_scale, x, x.shape[1], "quantize_fp8")
+    return _quantize(x, x.shape[1], granularity, scale, group_size, ue8m0, column_major_scales, silu=False, pqs=pqs)
 
 
 def fake_quantize_act_fp8(x: torch.Tensor, granularity: str, scale: torch.Tensor | None = None,
-                          group_size: int = 128, ue8m0: bool = False) -> torch.Tensor:
+                          group_size: int = 128, ue8m0: bool = False, silu_mul: bool = False,
+                          pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] -> the values quantize_fp8 stands for, xq * scale, rounded to x.dtype, in one pass (a GEMM on 16-bit
-    operands then computes the fp8-activation product, w4a8.py's "w16" candidate)."""
+    operands then computes the fp8-activation product, w4a8.py's "w16" candidate). silu_mul: x is gate | up
+    [M, 2I] and the values are those of silu_mul_quantize_fp8 ([M, I]); pre_quant_scale as quantize_fp8."""
     _check(x, granularity, scale, group_size, "fake_quantize_act_fp8")
-    return _quantize(x, x.shape[1], granularity, scale, group_size, ue8m0, False, silu=False, deq=True)[0]
+    if silu_mul and x.shape[1] % 2:
+        raise ValueError(f"fake_quantize_act_fp8: x has an odd last dim {x.shape[1]}; expected gate|up halves")
+    k = x.shape[1] // 2 if silu_mul else x.shape[1]
+    pqs = _pqs(pre_quant_scale, x, k, "fake_quantize_act_fp8")
+    return _quantize(x, k, granularity, scale, group_size, ue8m0, False, silu=silu_mul, deq=True, pqs=pqs)[0]
 
 
 def silu_mul_quantize_fp8(x_gate_up: torch.Tensor, granularity: str, scale: torch.Tensor | None = None,
-                          group_size: int = 128, ue8m0: bool = False,
-                          column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, 2I] = gate | up -> quantize_fp8(silu(gate) * up) as (xq [M, I] e4m3, scale)."""
+                          group_size: int = 128, ue8m0: bool = False, column_major_scales: bool = False,
+                          pre_quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, 2I] = gate | up -> quantize_fp8(silu(gate) * up) as (xq [M, I] e4m3, scale); pre_quant_scale [I] (x's
+    dtype) multiplies the product first, rounded to x's dtype (the unfused `h * pre_quant_scale`)."""
     _check(x_gate_up, granularity, scale, group_size, "silu_mul_quantize_fp8")
     if x_gate_up.shape[1] % 2:
         raise ValueError(f"silu_mul_quantize_fp8: x has an odd last dim {x_gate_up.shape[1]}; expected gate|up halves")
-    return _quantize(x_gate_up, x_gate_up.shape[1] // 2, granularity, scale, group_size, ue8m0, column_major_scales,
-                     silu=True)
+    k = x_gate_up.shape[1] // 2
+    pqs = _pqs(pre_quant_scale, x_gate_up, k, "silu_mul_quantize_fp8")
+    return _quantize(x_gate_up, k, granularity, scale, group_size, ue8m0, column_major_scales, silu=True, pqs=pqs)

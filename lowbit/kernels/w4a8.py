@@ -78,7 +78,7 @@ import triton.language as tl
 
 from lowbit.kernels import fp8_block
 from lowbit.kernels.fp8_gemm import _device_ok, _m_range, cublas_block_scaling, load_config
-from lowbit.kernels.quant_act import GRANULARITIES, fake_quantize_act_fp8, quantize_fp8
+from lowbit.kernels.quant_act import GRANULARITIES, fake_quantize_act_fp8, quantize_fp8, silu_mul_quantize_fp8
 from lowbit.kernels.w4a16 import W4A16Weights, w4a16_gemm, w4a16_repack
 from lowbit.kernels.w4a16_fp8act import FP8_ACT_MAX_M, fp8act_config, w4a16_gemm_fp8act
 
@@ -227,16 +227,22 @@ def _dequant_cublas(xq, xs, act: str, w: W4A8Weights, bias, out_dtype, x128: boo
 
 def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_scale: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, ue8m0: bool = False,
-                candidate: str | None = None, pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
+                candidate: str | None = None, pre_quant_scale: torch.Tensor | None = None,
+                silu_mul: bool = False) -> torch.Tensor:
     """y [..., N] = x [..., K] @ W^T (+ bias) with (x * pre_quant_scale) quantized to e4m3 per act_granularity
-    (token_group: G = 128). pre_quant_scale [K] in x's dtype is fused into the x load where the kernel quantizes."""
+    (token_group: G = 128). pre_quant_scale [K] in x's dtype is fused into the x load where the kernel quantizes.
+    silu_mul: x is gate | up [..., 2K] and the layer's input is silu(gate) * up (the MLP's down projection): where x
+    is quantized (or fake-quantized) in a pass of its own, SiLU-and-mul runs inside that pass (quant_act.py's SILU
+    mode: gate | up read once, the 16-bit product never written); where the GEMM quantizes in-kernel (decode) or a
+    pre_quant_scale applies, the product is formed first as F.silu(gate) * up."""
     if act_granularity not in GRANULARITIES:
         raise ValueError(f"w4a8_linear: activation granularity {act_granularity!r} is not supported; "
                          f"supported: {GRANULARITIES}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"w4a8_linear: x dtype {x.dtype} is not supported; supported: fp16, bf16, fp32")
-    if x.shape[-1] != w.k:
-        raise ValueError(f"w4a8_linear: x has K={x.shape[-1]}, the weight K={w.k}")
+    if x.shape[-1] != w.k * (2 if silu_mul else 1):
+        what = f"gate|up 2K={2 * w.k}" if silu_mul else f"K={w.k}"
+        raise ValueError(f"w4a8_linear: x has {x.shape[-1]} columns, the weight needs {what}")
     if act_granularity == "tensor_static" and (input_scale is None or input_scale.numel() != 1):
         raise ValueError("w4a8_linear: tensor_static activations need a one-element input_scale (max over shards)")
     if bias is not None and bias.shape != (w.n,):
@@ -245,7 +251,7 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
         raise ValueError(f"w4a8_linear: pre_quant_scale shape {tuple(pre_quant_scale.shape)}, expected ({w.k},)")
     out_dtype = out_dtype or x.dtype
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k)
+    x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
     out16 = x.dtype in W16_DTYPES and out_dtype == x.dtype and (pre_quant_scale is None
                                                                 or pre_quant_scale.dtype == x.dtype)
@@ -253,8 +259,14 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
     if cand not in CANDIDATES:
         raise ValueError(f"w4a8_linear: candidate {cand!r} is not supported; supported: {CANDIDATES}")
     in_kernel = cand == "fused" and act_granularity in _FUSED_MODES
-    if pre_quant_scale is not None and not (in_kernel and pre_quant_scale.dtype == x.dtype):
-        x2, pre_quant_scale = x2 * pre_quant_scale, None  # as the unfused layer would: in the promoted dtype
+    # x * pre_quant_scale is fused into x's quantization (in-kernel or its own pass) where the product stays in x's
+    # dtype; a scale of another dtype promotes, so that product is formed first, as the unfused layer would
+    pqs_fused = pre_quant_scale is None or pre_quant_scale.dtype == x.dtype
+    if silu_mul and (in_kernel or not pqs_fused):  # no pass of its own to fuse SiLU-and-mul into
+        gate, up = x2.chunk(2, dim=-1)
+        x2, silu_mul = torch.nn.functional.silu(gate) * up, False
+    if not pqs_fused:
+        x2, pre_quant_scale = x2 * pre_quant_scale, None
     if in_kernel:
         scale = input_scale.reshape(1).float() if act_granularity == "tensor_static" else None
         y = w4a16_gemm_fp8act(x2, w.w16, _FUSED_MODES[act_granularity], scale, bias, out_dtype, pre_quant_scale,
@@ -264,12 +276,15 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
         if not out16:
             raise ValueError(f"w4a8_linear: candidate 'w16' needs 16-bit x and output of one dtype and a "
                              f"pre_quant_scale of that dtype; got x {x.dtype}, out {out_dtype}")
-        xf = fake_quantize_act_fp8(x2, act_granularity, input_scale, GROUP_SIZE, ue8m0)
+        xf = fake_quantize_act_fp8(x2, act_granularity, input_scale, GROUP_SIZE, ue8m0, silu_mul=silu_mul,
+                                   pre_quant_scale=pre_quant_scale)
         return w4a16_gemm(xf, w.w16, bias).reshape(*lead, w.n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     group = act_granularity == "token_group"
-    xq, xs = quantize_fp8(x2, act_granularity, input_scale, GROUP_SIZE, ue8m0, column_major_scales=group)
+    quant = silu_mul_quantize_fp8 if silu_mul else quantize_fp8
+    xq, xs = quant(x2, act_granularity, input_scale, GROUP_SIZE, ue8m0, column_major_scales=group,
+                   pre_quant_scale=pre_quant_scale)
     if cand in ("fused", "fused_pre"):  # token / tensor_dynamic (the whole row's amax comes first) or forced
         mode = "e4m3_group" if group else "e4m3_row"
         y = w4a16_gemm_fp8act(xq, w.w16, mode, xs.float(), bias, out_dtype, config=fused_config(w, m, x.device))

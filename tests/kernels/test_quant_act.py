@@ -160,6 +160,52 @@ def test_silu_mul_quantize(gran):
     _check_silu(x, gran)
 
 
+def _pqs(k, dtype, device=DEV):
+    return (0.5 + torch.rand(k, generator=torch.Generator().manual_seed(7))).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_pre_quant_scale(gran, dtype):
+    """quantize_fp8 with pre_quant_scale = quantize_fp8 of the unfused x * pre_quant_scale (in x's dtype), bit for
+    bit; the fake-quantized values likewise."""
+    x, pqs = _data(5, 300, dtype), _pqs(300, dtype)
+    scale = _static_scale(x.device) if gran == "tensor_static" else None
+    q, s = quantize_fp8(x, gran, scale, pre_quant_scale=pqs)
+    qr, sr = quantize_fp8_ref(x * pqs, gran, scale)
+    assert torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+    if dtype != torch.float32:
+        assert torch.equal(fake_quantize_act_fp8(x, gran, scale, pre_quant_scale=pqs),
+                           fake_quantize_act_fp8(x * pqs, gran, scale))
+
+
+@pytest.mark.parametrize("gran", GRANS)
+def test_silu_mul_quantize_pre_quant_scale(gran):
+    """SiLU-and-mul, then x pre_quant_scale: as quantize_fp8 of the unfused (silu(gate) * up) * pqs, up to the exp's
+    last bit (one e4m3 step on a few codes); the fake-quantized form (w4a8's w16 path) matches its own codes."""
+    x = torch.randn(3, 2 * 200, generator=torch.Generator().manual_seed(1)).to(torch.float16).to(DEV) * 3
+    pqs = _pqs(200, torch.float16)
+    scale = _static_scale(x.device) if gran == "tensor_static" else None
+    q, s = silu_mul_quantize_fp8(x, gran, scale, pre_quant_scale=pqs)
+    qr, sr = quantize_fp8_ref((F.silu(x[:, :200]) * x[:, 200:]) * pqs, gran, scale)
+    torch.testing.assert_close(s, sr, rtol=2e-2, atol=0)
+    diff = (_codes(q) - _codes(qr)).abs()
+    assert diff.max().item() <= 1 and diff.float().mean().item() < 0.02
+    fake = fake_quantize_act_fp8(x, gran, scale, silu_mul=True, pre_quant_scale=pqs)
+    sx = s.reshape(-1, 1) if gran != "token_group" else s.repeat_interleave(128, dim=1)[:, :200]
+    assert fake.shape == (3, 200) and torch.equal(fake, (q.float() * sx).to(torch.float16))
+
+
+def test_pre_quant_scale_errors():
+    x = torch.zeros(2, 8, device=DEV, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"pre_quant_scale must be \[K=8\] torch.float16"):
+        quantize_fp8(x, "token", pre_quant_scale=torch.ones(8, device=DEV))  # fp32 scale for fp16 x
+    with pytest.raises(ValueError, match=r"pre_quant_scale must be \[K=4\]"):
+        silu_mul_quantize_fp8(x, "token", pre_quant_scale=torch.ones(8, device=DEV, dtype=torch.float16))
+    with pytest.raises(ValueError, match="odd"):
+        fake_quantize_act_fp8(torch.zeros(2, 7, device=DEV), "token", silu_mul=True)
+
+
 # ---- GPU: hardware cvt path, large shapes, bf16, CUDA graphs -------------------------------------------
 
 

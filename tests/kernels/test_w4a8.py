@@ -89,6 +89,32 @@ def test_w4a8_linear_cpu(case):
     _check(y, _expected(x, qweight, scales, k, act, bias), k, torch.float32)
 
 
+SILU_CASES = [(3, 96, 256, "token_group", "fused"), (1, 64, 300, "tensor_static", "fused"),
+              (5, 48, 300, "token", "fused"), (3, 96, 256, "token_group", "fused_pre"),
+              (17, 40, 200, "tensor_static", "dequant"), (6, 64, 384, "token_group", "w16"),
+              (70, 48, 130, "tensor_static", None)]
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("case", SILU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_silu_mul_cpu(case, smooth):
+    """w4a8_linear(gate | up, silu_mul=True) = the layer on silu(gate) * up (times pre_quant_scale), whether SiLU-mul
+    runs in the quantization pass (fused_pre, dequant, w16, token activations) or first (in-kernel quantization);
+    against the reference on the unfused product (the fused SiLU's exp may move a code by one e4m3 step)."""
+    m, n, k, act, cand = case
+    _, qweight, scales = _weights(n, k)
+    w = w4a8_repack(qweight, scales, 128, k)
+    h = _x(m, 2 * k, torch.float16)
+    pqs = (0.5 + torch.rand(k, generator=torch.Generator().manual_seed(3))).half().to(DEV) if smooth else None
+    x = torch.nn.functional.silu(h[:, :k]) * h[:, k:]
+    y = w4a8_linear(h, w, act, _static() if act == "tensor_static" else None, candidate=cand, pre_quant_scale=pqs,
+                    silu_mul=True)
+    assert y.shape == (m, n) and y.dtype == torch.float16
+    _check(y, _expected(x, qweight, scales, k, act, pqs=pqs), k, torch.float16, f"silu_mul {cand}")
+    with pytest.raises(ValueError, match=f"gate\\|up 2K={2 * k}"):
+        w4a8_linear(x, w, act, _static() if act == "tensor_static" else None, silu_mul=True)
+
+
 CODE_CASES = [(1, "tensor_static", torch.float16, False, False), (16, "token_group", torch.float16, False, False),
               (5, "token_group", torch.float32, True, False), (3, "tensor_static", torch.float16, False, True),
               (2, "token_group", torch.bfloat16, False, True)]
@@ -288,6 +314,26 @@ def test_gpu_w4a8(shape, act, dtype):
         y = w4a8_linear(x, w, act, _static("cuda") if act == "tensor_static" else None, bias=bias, candidate=cand)
         assert y.dtype == dtype
         _check(y, y_ref, k, dtype, f"candidate {cand}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(300, 1024, 2048), (24, 2112, 7168), (5, 576, 1024)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", ["tensor_static", "token_group"])
+def test_gpu_silu_mul(shape, act):
+    """gate | up with silu_mul (and a pre_quant_scale) through every candidate, bf16, against the reference on the
+    unfused product."""
+    m, n, k = shape
+    _, qweight, scales = _weights(n, k, "cuda", scale_dtype=torch.bfloat16)
+    w = w4a8_repack(qweight, scales, 128, k)
+    h = _x(m, 2 * k, torch.bfloat16, "cuda")
+    pqs = (0.5 + torch.rand(k, generator=torch.Generator().manual_seed(3))).to(torch.bfloat16).cuda()
+    x = torch.nn.functional.silu(h[:, :k]) * h[:, k:]
+    y_ref = _expected(x, qweight, scales, k, act, pqs=pqs)
+    for cand in _candidates(m, n, k, act):
+        y = w4a8_linear(h, w, act, _static("cuda") if act == "tensor_static" else None, candidate=cand,
+                        pre_quant_scale=pqs, silu_mul=True)
+        _check(y, y_ref, k, torch.bfloat16, f"silu_mul candidate {cand}")
 
 
 @pytest.mark.gpu

@@ -91,16 +91,17 @@ def test_tiny_model_wiring_matches_reference_in_interpreter(tmp_path, monkeypatc
         if b.name == backend:
             monkeypatch.setattr(b, "min_capability", None)  # let the selection take it on the CPU
     fused_calls = []
-    for b in backends_for("w8a8_fp8") + backends_for("w8a8_fp8_block"):
-        if b.name == backend == "triton_fp8":  # the MLP hands gate|up to down_proj: SiLU-mul fused into quantization
+    for b in {id(b): b for b in backends_for("w8a8_fp8") + backends_for("w8a8_fp8_block") + backends_for("w4a8")
+              }.values():
+        if b.name == backend:  # the MLP hands gate|up to down_proj: SiLU-mul fused into quantization
             original = b.apply_silu_mul
             monkeypatch.setattr(b, "apply_silu_mul", lambda *a, f=original: fused_calls.append(1) or f(*a))
-            monkeypatch.setattr("lowbit.layers.backends.fp8_triton.FUSE_SILU_MIN_M", 1)  # fused even for tiny M
+    monkeypatch.setattr("lowbit.layers.backends.fp8_triton.FUSE_SILU_MIN_M", 1)  # fused even for tiny M
     got = _logits(str(tmp_path), backend, "cpu", monkeypatch)
     want = _logits(str(tmp_path), "reference", "cpu", monkeypatch)
     for a, b in zip(got, want):
         assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
-    assert bool(fused_calls) == (backend == "triton_fp8")
+    assert fused_calls
 
 
 @pytest.mark.gpu
@@ -131,14 +132,16 @@ def test_tiny_model_selects_backend_and_matches_reference(tmp_path, kind, backen
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["block", "autofp8_static", "autofp8_dynamic"])
-def test_fused_silu_mul_matches_unfused_mlp(tmp_path, kind, monkeypatch):
+@pytest.mark.parametrize("kind,backend", KINDS)
+def test_fused_silu_mul_matches_unfused_mlp(tmp_path, kind, backend, monkeypatch):
     """down_proj(silu(gate) * up) through the fused SiLU-mul + quantize kernel equals the unfused path (the fused
-    SiLU's exp may differ from torch's in the last fp32 bit, which can move an fp8 code by one step)."""
+    SiLU's exp may differ from torch's in the last fp32 bit, which can move an fp8 code by one step); modelopt_w4a8's
+    down_proj carries a pre_quant_scale, fused into the same pass."""
     _write(kind, str(tmp_path))
     st = Stepper(str(tmp_path), device="cuda", dtype=torch.bfloat16)
     mlp = st.model.model.layers[0].mlp
-    assert mlp.down_proj.backend.name == "triton_fp8"
+    assert mlp.down_proj.backend.name == backend
+    assert (getattr(mlp.down_proj, "pre_quant_scale", None) is not None) == (backend == "triton_w4a8")
     g = torch.Generator(device="cuda").manual_seed(0)
     monkeypatch.setattr("lowbit.layers.backends.fp8_triton.FUSE_SILU_MIN_M", 1)  # the fused kernel at every M
     for m in (1, 13, 300):

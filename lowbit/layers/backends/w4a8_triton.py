@@ -7,14 +7,17 @@ W4A8-AWQ with static per-tensor activation scales, DeepSeek W4AFP8, dynamic toke
 | scales [N, ceil(K/128)]         | inside W4A8Weights (group-major)                                    |
 | input_scale [S] (static acts)   | layer.w4a8_input_scale [1] = max over the fused shards              |
 | pre_quant_scale [K] (optional)  | used as is: x * pre_quant_scale before quantizing x (fused into the |
-|                                 | decode kernel's x load, rounded to the model dtype as unfused)      |
+|                                 | decode kernel's x load or the quantization pass, rounded to the     |
+|                                 | model dtype as unfused; a scale of another dtype promotes first)    |
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from lowbit.kernels import HAS_TRITON
+from lowbit.layers.backends import fp8_triton
 from lowbit.layers.backends.fp8_triton import DTYPES, scheme_ok
 from lowbit.layers.selection import register
 
@@ -63,5 +66,20 @@ class W4A8TritonBackend:
         return w4a8_linear(x, layer.w4a8_weights, scheme.act_granularity, layer.w4a8_input_scale, bias=bias,
                            out_dtype=out_dtype, ue8m0=scheme.ue8m0_scales, pre_quant_scale=smoothing)
 
+    def apply_silu_mul(self, layer, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """layer(silu(gate) * up), with SiLU-and-mul (and the layer's pre_quant_scale) inside the activation
+        quantization pass where x is quantized by a pass of its own (kernels/w4a8.py w4a8_linear silu_mul): gate | up
+        [..., 2I] read once, the 16-bit product never written. Below FUSE_SILU_MIN_M tokens (decode: the GEMM
+        quantizes in-kernel) the unfused product, as the fp8 backend does."""
+        from lowbit.kernels.w4a8 import w4a8_linear
+
+        if gate_up.reshape(-1, gate_up.shape[-1]).shape[0] < fp8_triton.FUSE_SILU_MIN_M:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.apply(layer, F.silu(gate) * up, bias)
+        scheme = layer.quant_method.scheme
+        smoothing = getattr(layer, "pre_quant_scale", None)
+        out_dtype = gate_up.dtype if smoothing is None else torch.promote_types(gate_up.dtype, smoothing.dtype)
+        return w4a8_linear(gate_up, layer.w4a8_weights, scheme.act_granularity, layer.w4a8_input_scale, bias=bias,
+                           out_dtype=out_dtype, ue8m0=scheme.ue8m0_scales, pre_quant_scale=smoothing, silu_mul=True)
 
 TRITON_W4A8 = register(W4A8TritonBackend())
