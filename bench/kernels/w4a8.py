@@ -22,6 +22,7 @@ per shape; at each M the graphs of all candidates and peers are replayed in turn
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -145,3 +146,121 @@ def main(args) -> None:
         save_section("w4a8_gemm", dict(payload, partial=True), args.out)  # a cut-short run keeps its rows
     print_table(rows, COLUMNS)
     print("saved", save_section("w4a8_gemm", payload, args.out))
+
+
+# ---- selection from a sweep (results become configs/w4a8_select.json w16 / fused_pre ranges) ------------------------
+
+SELECT_MS = (32, 64, 128, 256, 512, 1024)
+# per activation granularity: the forced-candidate columns of bench_shape and the current selection's own column
+_SELECT_COLS = {
+    "token_group": ({"w16": "w16_us", "fused_pre": "pre_us", "fused": "fused_us", "dequant_cublas": "dequant_cublas_us",
+                     "dequant": "dequant_us"}, "us", "cand"),
+    "tensor_static": ({"w16": "w16_static_us", "fused_pre": "pre_static_us",
+                       "dequant_cublas": "dequant_cublas_static_us",
+                       "dequant_cublas_x128": "dequant_cublas_x128_static_us"}, "static_us", "cand_static"),
+}
+
+
+def _run(ms: list[int], want: str):
+    """The longest run of consecutive measured M whose choice is `want`, as [lo, hi], or None."""
+    runs, cur = [], []
+    for m, c in ms:
+        if c == want:
+            cur.append(m)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    best = max(runs, key=len) if runs else None
+    return [best[0], best[-1]] if best else None
+
+
+def choose(rows: list[dict]) -> dict:
+    """{(N, K, granularity, table): [(M, candidate), ...]} from bench_shape rows: for table "w16" the fastest
+    candidate at each M where it is >= 3% faster than the selection's own pick (else that pick stays); for table
+    "fused_pre" the same among the candidates other than w16 (fused_pre is what pick_candidate falls back on where
+    w16 cannot run: fp32 outputs, a pre_quant_scale of another dtype), against the fastest of them."""
+    out = {}
+    for r in rows:
+        for act, (cols, own, cand_col) in _SELECT_COLS.items():
+            timed = {c: r[col] for c, col in cols.items() if r.get(col)}
+            cur, cur_us = r[cand_col], r.get(own)
+            if cur_us:
+                timed.setdefault(cur, cur_us)  # the selection's own pick (e.g. in-kernel fused) competes too
+            best = min(timed, key=timed.get)
+            keep = cur_us and not timed[best] < 0.97 * cur_us
+            out.setdefault((r["N"], r["K"], act, "w16"), []).append((r["M"], cur if keep else best))
+            rest = {c: t for c, t in timed.items() if c != "w16"}
+            if rest:
+                alt = min(rest, key=rest.get)
+                second = min((t for c, t in rest.items() if c != alt), default=float("inf"))
+                pick = alt if alt != "fused_pre" or rest[alt] < 0.97 * second else "other"
+                out.setdefault((r["N"], r["K"], act, "fused_pre"), []).append((r["M"], pick))
+    return out
+
+
+def write_select(choice: dict, old: dict, ms, device: str) -> None:
+    """The w16 / fused_pre M ranges of `choice` into configs/w4a8_select.json: per shape and granularity the longest
+    run of measured M where that candidate was picked (a run starting at the smallest M measured keeps the
+    configured lower bound, e.g. 17); w16 without a run is written as null (never, rather than w16_default)."""
+    from bench.kernels.fp8_tune import _write_config
+
+    def upd(cfg):
+        for (n, k, act, key), picks in choice.items():
+            table = cfg.setdefault(key, {})
+            rng = _run(picks, key)
+            prev = old[key].get(f"{n}x{k}", {}).get(act) or (old["w16_default"] if key == "w16" else None)
+            if rng and prev and rng[0] == picks[0][0]:
+                rng[0] = min(rng[0], prev[0])  # the run starts at the smallest M measured: keep the lower bound
+            if rng and key == "fused_pre" and rng[0] > 64:
+                rng = None  # fused_pre is a decode kernel (M <= 64)
+            entry = table.setdefault(f"{n}x{k}", {})
+            if rng or key == "w16":
+                entry[act] = rng
+            else:
+                entry.pop(act, None)
+                if not entry:
+                    table.pop(f"{n}x{k}")
+        cfg["_select_source"] = (
+            f"python -m bench.kernels.w4a8 select on {device}, {time.strftime('%Y-%m-%d')}: every candidate timed against the others at M = {', '.join(map(str, ms))} "
+            "(interleaved CUDA-graph replay, bf16 x, quantization included); per shape and activation granularity the "
+            "longest run of M where w16 was fastest and >= 3% faster than the selection before, and where fused_pre "
+            "was >= 3% faster than every other candidate but w16 (bench/results w4a8_select)")
+
+    _write_config("w4a8_select", upd)
+
+
+def select(out_dir: str | None = None, ms=SELECT_MS, shapes=None) -> dict:
+    """Per sweep shape and activation granularity (token_group, tensor_static), every candidate timed against the
+    others at M = 32..1024 (bench_shape: one interleaved run per M, bf16 x, quantization included); choose() and
+    write_select() turn the rows into configs/w4a8_select.json ranges. Before this, w16 ranges were measured on the
+    four quick shapes only and the other ten took dequant_cublas from M = 129, whose cuBLAS 1x128 x 1x128 GEMM is
+    slow at mid M (H100, w4a8_gemm_x128_sweep: 5120x25600 M = 512 392 us, w16 254 us, bf16 186). The rows go to the
+    w4a8_select section of bench/results/<gpu>.json."""
+    from lowbit.kernels.w4a8 import _select
+
+    roof = rooflines()
+    names = {s: f"{fam}:{s[0]}x{s[1]}" for fam, v in SHAPES.items() for s in v}
+    rows = []
+    for n, k in shapes or [s for v in SHAPES.values() for s in v]:
+        rows += bench_shape(n, k, list(ms), roof, names[(n, k)])
+    choice = choose(rows)
+    for key, picks in choice.items():
+        print(f"  {key}: {picks}", flush=True)
+    write_select(choice, _select(), ms, torch.cuda.get_device_name())
+    payload = {"rooflines": roof, "rows": rows, "ms": list(ms),
+               "choice": {"%dx%d:%s:%s" % key: p for key, p in choice.items()}}
+    print("saved", save_section("w4a8_select", payload, out_dir))
+    return choice
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels.w4a8")
+    parser.add_argument("what", choices=["select"])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--ms", default=None, help="comma-separated M values (default 32..1024)")
+    a = parser.parse_args()
+    select(a.out, [int(v) for v in a.ms.split(",")] if a.ms else SELECT_MS)

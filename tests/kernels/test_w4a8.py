@@ -365,10 +365,11 @@ def test_gpu_no_cublas_block_scaling_on_sm89(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_selection_x128_where_measured():
     """configs/w4a8_select.json x128: per-tensor activations take x's scale as 128x128 blocks from the measured M
-    (7168x16384: 256, where w16 keeps static up to M = 512; 2112x7168: 4096; unmeasured shapes: 512); never for
-    token_group or token activations."""
-    cases = {(7168, 16384): [(1024, "tensor_static", True), (512, "tensor_static", False),
-                             (256, "tensor_dynamic", True), (128, "tensor_dynamic", False)],
+    (7168x16384: 256, where w16 keeps static up to M = 256 and tensor_dynamic up to w16_default's 128; 2112x7168:
+    4096; unmeasured shapes: 512); never for token_group or token activations."""
+    cases = {(7168, 16384): [(1024, "tensor_static", True), (512, "tensor_static", True),
+                             (256, "tensor_static", False), (256, "tensor_dynamic", True),
+                             (128, "tensor_dynamic", False)],
              (2112, 7168): [(4096, "tensor_static", True), (16384, "tensor_dynamic", True),
                             (2048, "tensor_static", False), (2048, "tensor_dynamic", False)],
              (1024, 2048): [(512, "tensor_static", True), (512, "tensor_dynamic", True), (256, "tensor_static", False)]}

@@ -1,0 +1,32 @@
+"""The w4a8 selection pass (bench/kernels/w4a8.py choose / _run): sweep rows -> per-M picks -> M ranges."""
+
+from __future__ import annotations
+
+from bench.kernels.w4a8 import _run, choose
+
+
+def _row(m, cand="dequant_cublas", us=100.0, **cols):
+    base = {"N": 256, "K": 512, "M": m, "cand": cand, "us": us, "cand_static": "dequant_cublas_x128",
+            "static_us": 100.0}
+    return {**base, **cols}
+
+
+def test_choose_switches_only_on_a_clear_win():
+    rows = [_row(32, "fused", 10.0, w16_us=9.0, pre_us=12.0, fused_us=10.0, dequant_cublas_us=20.0),
+            _row(64, "fused", 10.0, w16_us=9.9, pre_us=9.0, fused_us=10.0, dequant_cublas_us=20.0),
+            _row(256, us=100.0, w16_us=60.0, dequant_cublas_us=100.0, dequant_us=120.0,
+                 w16_static_us=99.0, dequant_cublas_x128_static_us=100.0)]
+    ch = choose(rows)
+    # w16 10% faster at 32, fused_pre 10% faster at 64 (w16 1% faster: not a clear win), w16 at 256
+    assert ch[(256, 512, "token_group", "w16")] == [(32, "w16"), (64, "fused_pre"), (256, "w16")]
+    # without w16: fused_pre must beat the next best non-w16 candidate by 3%
+    assert ch[(256, 512, "token_group", "fused_pre")] == [(32, "fused"), (64, "fused_pre"), (256, "dequant_cublas")]
+    # static: w16 1% faster than the current x128 pick at 256 -> the current pick stays
+    assert ch[(256, 512, "tensor_static", "w16")][-1] == (256, "dequant_cublas_x128")
+
+
+def test_run_is_the_longest_consecutive_run():
+    picks = [(32, "w16"), (64, "w16"), (128, "x"), (256, "w16"), (512, "w16"), (1024, "w16")]
+    assert _run(picks, "w16") == [256, 1024]
+    assert _run(picks, "x") == [128, 128]
+    assert _run(picks, "fused_pre") is None
