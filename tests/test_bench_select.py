@@ -1,8 +1,9 @@
-"""The w4a8 selection pass (bench/kernels/w4a8.py choose / _run): sweep rows -> per-M picks -> M ranges."""
+"""The w4a8 selection pass (bench/kernels/w4a8.py choose, fp8_tune.longest_run): sweep rows -> per-M picks -> M ranges."""
 
 from __future__ import annotations
 
-from bench.kernels.w4a8 import _run, choose
+from bench.kernels.fp8_tune import longest_run
+from bench.kernels.w4a8 import choose
 
 
 def _row(m, cand="dequant_cublas", us=100.0, **cols):
@@ -27,6 +28,7 @@ def test_choose_switches_only_on_a_clear_win():
 
 def test_run_is_the_longest_consecutive_run():
     picks = [(32, "w16"), (64, "w16"), (128, "x"), (256, "w16"), (512, "w16"), (1024, "w16")]
-    assert _run(picks, "w16") == [256, 1024]
-    assert _run(picks, "x") == [128, 128]
-    assert _run(picks, "fused_pre") is None
+    assert longest_run(picks, "w16") == [256, 1024]
+    assert longest_run(picks, "x") == [128, 128]
+    assert longest_run(picks, "fused_pre") is None
+    assert longest_run([(1, "a"), (2, "b"), (3, "a")], "a") == [3, 3]  # ties: the larger M

@@ -567,22 +567,26 @@ ROWS_MS = (128, 256, 512, 1024, 2048, 4096, 8192)
 ROWS_KEYS = ("cublas_block_rows_m", "cublas_block_rows_split_n_m")
 
 
-def _rows_range(choice: dict, want: str):
-    """The longest run of consecutive measured M choosing `want` (ties: the larger M) as [lo, hi]; hi None when the
-    run reaches the largest M measured (no upper bound); None without one."""
+def longest_run(picks, want: str):
+    """The longest run of consecutive measured M whose pick is `want` (picks: [(M, pick), ...] by M; ties: the
+    larger M) as [lo, hi], or None."""
     runs, cur = [], []
-    for m in ROWS_MS:
-        if choice.get(m) == want:
+    for m, c in picks:
+        if c == want:
             cur.append(m)
         elif cur:
             runs.append(cur)
             cur = []
     if cur:
         runs.append(cur)
-    if not runs:
-        return None
-    best = max(runs, key=lambda r: (len(r), r[-1]))
-    return [best[0], None if best[-1] == ROWS_MS[-1] else best[-1]]
+    best = max(runs, key=lambda r: (len(r), r[-1])) if runs else None
+    return [best[0], best[-1]] if best else None
+
+
+def _rows_range(choice: dict, want: str):
+    """longest_run over ROWS_MS, hi None when the run reaches the largest M measured (no upper bound)."""
+    rng = longest_run([(m, choice.get(m)) for m in ROWS_MS], want)
+    return rng and [rng[0], None if rng[1] == ROWS_MS[-1] else rng[1]]
 
 
 def rows_tune(out_dir: str, budget_s: float = 240, passes: int = 2, shapes=None, confirm: bool = False) -> dict:

@@ -161,21 +161,6 @@ _SELECT_COLS = {
 }
 
 
-def _run(ms: list[int], want: str):
-    """The longest run of consecutive measured M whose choice is `want`, as [lo, hi], or None."""
-    runs, cur = [], []
-    for m, c in ms:
-        if c == want:
-            cur.append(m)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    best = max(runs, key=len) if runs else None
-    return [best[0], best[-1]] if best else None
-
-
 def choose(rows: list[dict]) -> dict:
     """{(N, K, granularity, table): [(M, candidate), ...]} from bench_shape rows: for table "w16" the fastest
     candidate at each M where it is >= 3% faster than the selection's own pick (else that pick stays); for table
@@ -204,12 +189,12 @@ def write_select(choice: dict, old: dict, ms, device: str) -> None:
     """The w16 / fused_pre M ranges of `choice` into configs/w4a8_select.json: per shape and granularity the longest
     run of measured M where that candidate was picked (a run starting at the smallest M measured keeps the
     configured lower bound, e.g. 17); w16 without a run is written as null (never, rather than w16_default)."""
-    from bench.kernels.fp8_tune import _write_config
+    from bench.kernels.fp8_tune import _write_config, longest_run
 
     def upd(cfg):
         for (n, k, act, key), picks in choice.items():
             table = cfg.setdefault(key, {})
-            rng = _run(picks, key)
+            rng = longest_run(picks, key)
             prev = old[key].get(f"{n}x{k}", {}).get(act) or (old["w16_default"] if key == "w16" else None)
             if rng and prev and rng[0] == picks[0][0]:
                 rng[0] = min(rng[0], prev[0])  # the run starts at the smallest M measured: keep the lower bound
