@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.kernels.fp8_tune import longest_run
-from bench.kernels.w4a8 import choose
+from bench.kernels.w4a8 import choose, select_ranges
 
 
 def _row(m, cand="dequant_cublas", us=100.0, **cols):
@@ -32,3 +32,19 @@ def test_run_is_the_longest_consecutive_run():
     assert longest_run(picks, "x") == [128, 128]
     assert longest_run(picks, "fused_pre") is None
     assert longest_run([(1, "a"), (2, "b"), (3, "a")], "a") == [3, 3]  # ties: the larger M
+
+
+def test_select_ranges_keep_a_measured_lower_bound():
+    """A run starting at 32 keeps a configured lower bound of 17 when 16 was measured before it (nothing measured in
+    between), not one of 8 (16 was measured and lost); fused_pre stays at or below 64; w16 without a run is None."""
+    old = {"w16": {"256x512": {"token_group": [17, 64], "tensor_static": [8, 64]}}, "w16_default": [32, 128],
+           "fused_pre": {}}
+    picks = [(16, "fused"), (32, "w16"), (64, "w16"), (128, "dequant_cublas")]
+    ch = {(256, 512, "token_group", "w16"): picks, (256, 512, "tensor_static", "w16"): picks,
+          (256, 512, "token_group", "fused_pre"): [(64, "x"), (128, "fused_pre")],
+          (512, 512, "token_group", "w16"): [(32, "fused"), (64, "dequant_cublas")]}
+    r = select_ranges(ch, old)
+    assert r[("w16", "256x512", "token_group")] == [17, 64]
+    assert r[("w16", "256x512", "tensor_static")] == [32, 64]
+    assert r[("fused_pre", "256x512", "token_group")] is None
+    assert r[("w16", "512x512", "token_group")] is None

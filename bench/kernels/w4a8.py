@@ -15,7 +15,7 @@ per shape; at each M the graphs of all candidates and peers are replayed in turn
   dequant_cublas_static_us / dequant_cublas_x128_static_us   static through cuBLAS, x's scale as 1 x 128 blocks /
                  as a constant 128x128 grid, forced (M >= 33)
   pre_us / pre_static_us   token_group / static with x quantized first (candidate fused_pre), M <= 64
-  w16_us / w16_static_us   token_group / static, x fake-quantized then lowbit's w4a16 GEMM (candidate w16), M >= 16
+  w16_us / w16_static_us   token_group / static, x fake-quantized then lowbit's w4a16 GEMM (candidate w16)
   bf16_us, cublas_fp8_us         peers (torch.nn.functional.linear; torch._scaled_mm tensor-wise)
 """
 
@@ -27,6 +27,7 @@ import time
 import torch
 
 from bench.common import Interleaved, print_table, rooflines, save_section
+from bench.kernels.fp8_tune import longest_run
 from bench.kernels.w4a16 import budget_rounds, copies_for, safe_us
 
 SHAPES = {  # (N, K): DeepSeek-V3 (as bench/kernels/fp8.py), Llama-3-8B and Qwen3-32B projections
@@ -72,10 +73,9 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
             t.add("pre_us", [lambda w=w: w4a8_linear(x, w, "token_group", candidate="fused_pre") for w in ws])
             t.add("pre_static_us", [lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="fused_pre")
                                     for w in ws])
-        if m >= 16:  # fake-quantized x + the w4a16 GEMM (w4a8_select.json w16)
-            t.add("w16_us", [lambda w=w: w4a8_linear(x, w, "token_group", candidate="w16") for w in ws])
-            t.add("w16_static_us", [lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="w16")
-                                    for w in ws])
+        # fake-quantized x + the w4a16 GEMM (w4a8_select.json w16)
+        t.add("w16_us", [lambda w=w: w4a8_linear(x, w, "token_group", candidate="w16") for w in ws])
+        t.add("w16_static_us", [lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="w16") for w in ws])
         if m in (1, 16):
             exact = dict(fused_config(ws[0], m, x.device, "tensor_static"), exact=True)
             t.add("exact_us", [lambda w=w: w4a16_gemm_fp8act(x, w.w16, "static", static, config=exact)
@@ -150,7 +150,7 @@ def main(args) -> None:
 
 # ---- selection from a sweep (results become configs/w4a8_select.json w16 / fused_pre ranges) ------------------------
 
-SELECT_MS = (32, 64, 128, 256, 512, 1024)
+SELECT_MS = (1, 4, 16, 32, 64, 128, 256, 512, 1024)
 # per activation granularity: the forced-candidate columns of bench_shape and the current selection's own column
 _SELECT_COLS = {
     "token_group": ({"w16": "w16_us", "fused_pre": "pre_us", "fused": "fused_us", "dequant_cublas": "dequant_cublas_us",
@@ -185,40 +185,51 @@ def choose(rows: list[dict]) -> dict:
     return out
 
 
+def select_ranges(choice: dict, old: dict) -> dict:
+    """{("w16" | "fused_pre", "NxK", granularity): [lo, hi] or None} from choose()'s picks: per shape and granularity
+    the longest run of measured M where that candidate was picked; a configured lower bound (old: the selection
+    before) between the run's first M and the M measured before it stays (e.g. 17 where 16 and 32 were measured);
+    fused_pre only up to M = 64 (a decode kernel); w16 None means never (rather than w16_default)."""
+    out = {}
+    for (n, k, act, key), picks in choice.items():
+        rng = longest_run(picks, key)
+        prev = old[key].get(f"{n}x{k}", {}).get(act) or (old["w16_default"] if key == "w16" else None)
+        if rng and prev:
+            before = max([m for m, _ in picks if m < rng[0]], default=0)
+            if before < prev[0] < rng[0]:
+                rng[0] = prev[0]
+        if rng and key == "fused_pre" and rng[0] > 64:
+            rng = None
+        out[(key, f"{n}x{k}", act)] = rng
+    return out
+
+
 def write_select(choice: dict, old: dict, ms, device: str) -> None:
-    """The w16 / fused_pre M ranges of `choice` into configs/w4a8_select.json: per shape and granularity the longest
-    run of measured M where that candidate was picked (a run starting at the smallest M measured keeps the
-    configured lower bound, e.g. 17); w16 without a run is written as null (never, rather than w16_default)."""
-    from bench.kernels.fp8_tune import _write_config, longest_run
+    """select_ranges(choice, old) into configs/w4a8_select.json (fused_pre entries without a range removed)."""
+    from bench.kernels.fp8_tune import _write_config
 
     def upd(cfg):
-        for (n, k, act, key), picks in choice.items():
-            table = cfg.setdefault(key, {})
-            rng = longest_run(picks, key)
-            prev = old[key].get(f"{n}x{k}", {}).get(act) or (old["w16_default"] if key == "w16" else None)
-            if rng and prev and rng[0] == picks[0][0]:
-                rng[0] = min(rng[0], prev[0])  # the run starts at the smallest M measured: keep the lower bound
-            if rng and key == "fused_pre" and rng[0] > 64:
-                rng = None  # fused_pre is a decode kernel (M <= 64)
-            entry = table.setdefault(f"{n}x{k}", {})
+        for (key, shape, act), rng in select_ranges(choice, old).items():
+            entry = cfg.setdefault(key, {}).setdefault(shape, {})
             if rng or key == "w16":
                 entry[act] = rng
             else:
                 entry.pop(act, None)
                 if not entry:
-                    table.pop(f"{n}x{k}")
+                    cfg[key].pop(shape)
         cfg["_select_source"] = (
-            f"python -m bench.kernels.w4a8 select on {device}, {time.strftime('%Y-%m-%d')}: every candidate timed against the others at M = {', '.join(map(str, ms))} "
-            "(interleaved CUDA-graph replay, bf16 x, quantization included); per shape and activation granularity the "
-            "longest run of M where w16 was fastest and >= 3% faster than the selection before, and where fused_pre "
-            "was >= 3% faster than every other candidate but w16 (bench/results w4a8_select)")
+            f"python -m bench.kernels.w4a8 select on {device}, {time.strftime('%Y-%m-%d')}: every candidate timed "
+            f"against the others at M = {', '.join(map(str, ms))} (interleaved CUDA-graph replay, bf16 x, quantization "
+            "included); per shape and activation granularity the longest run of M where w16 was fastest and >= 3% "
+            "faster than the selection before, and where fused_pre was >= 3% faster than every other candidate but "
+            "w16 (bench/results w4a8_select)")
 
     _write_config("w4a8_select", upd)
 
 
 def select(out_dir: str | None = None, ms=SELECT_MS, shapes=None) -> dict:
     """Per sweep shape and activation granularity (token_group, tensor_static), every candidate timed against the
-    others at M = 32..1024 (bench_shape: one interleaved run per M, bf16 x, quantization included); choose() and
+    others at M = 1..1024 (bench_shape: one interleaved run per M, bf16 x, quantization included); choose() and
     write_select() turn the rows into configs/w4a8_select.json ranges. Before this, w16 ranges were measured on the
     four quick shapes only and the other ten took dequant_cublas from M = 129, whose cuBLAS 1x128 x 1x128 GEMM is
     slow at mid M (H100, w4a8_gemm_x128_sweep: 5120x25600 M = 512 392 us, w16 254 us, bf16 186). The rows go to the
