@@ -60,6 +60,12 @@ dequant_cublas_x128 (fifth session, H100, interleaved timing; bench/results/h100
 1x128-scaled x, 1.03-1.47x faster from M = 256..512 on 13 of 14 shapes (7168x16384 M = 8192: 1748 vs 2334 us), slower
 at M = 64..128 (4096x7168 M = 64: 45.7 vs 36.2 us) and on 2112x7168 up to M = 2048 (cuBLAS picks other tiles there);
 static at M = 8192 went from 1.09-1.29x to 1.18-1.52x bf16 cuBLAS on the four quick shapes.
+w16 / fused_pre ranges for all 14 sweep shapes (sixth session, H100, python -m bench.kernels.w4a8 select: every
+candidate timed against the others, interleaved, at M = 1..1024; bench/results/h100.json w4a8_select*): before, only
+the four quick shapes had measured ranges and the others took dequant_cublas from M = 129, whose cuBLAS 1x128 x
+1x128 GEMM is slow at mid M (5120x25600 M = 256: 218.6 us, w16 127.5, bf16 110); w16 now serves M = 32..256-1024 on
+every shape but 2112x7168 (dequant_cublas from 128) and token_group decode (M = 1..16) on 8 shapes where the in-kernel
+quantization of the fused path cost more (51200x5120: 0.66 -> 0.94x w4a16; 5120x25600 0.65 -> 0.89x).
 At M <= 16 the weight stream is the same int4 bytes as w4a16's, so w4a8 can tie w4a16 at best; quantizing x costs
 a launch (fused_pre, w16) or per-tile work (fused). w4a16_us / w4a8 us at M = 1..16 on the four quick shapes (python -m
 bench.kernels w4a8 --quick --ms 1,2,4,8,16, H100, fourth session): token_group 0.85-0.90x (was 0.69-0.90x), static
