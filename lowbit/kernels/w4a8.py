@@ -236,11 +236,12 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
                 candidate: str | None = None, pre_quant_scale: torch.Tensor | None = None,
                 silu_mul: bool = False) -> torch.Tensor:
     """y [..., N] = x [..., K] @ W^T (+ bias) with (x * pre_quant_scale) quantized to e4m3 per act_granularity
-    (token_group: G = 128). pre_quant_scale [K] in x's dtype is fused into the x load where the kernel quantizes.
-    silu_mul: x is gate | up [..., 2K] and the layer's input is silu(gate) * up (the MLP's down projection): where x
-    is quantized (or fake-quantized) in a pass of its own, SiLU-and-mul runs inside that pass (quant_act.py's SILU
-    mode: gate | up read once, the 16-bit product never written); where the GEMM quantizes in-kernel (decode) or a
-    pre_quant_scale applies, the product is formed first as F.silu(gate) * up."""
+    (token_group: G = 128). pre_quant_scale [K] in x's dtype is fused into x's quantization (the decode kernel's x
+    load, or the quantization pass), rounded to x's dtype as the unfused product; one of another dtype promotes, so
+    that product is formed first. silu_mul: x is gate | up [..., 2K] and the layer's input is silu(gate) * up (the
+    MLP's down projection): where x is quantized (or fake-quantized) in a pass of its own, SiLU-and-mul runs inside
+    that pass (quant_act.py's SILU mode: gate | up read once, the 16-bit product never written); where the GEMM
+    quantizes in-kernel (decode) or the pre_quant_scale promotes, the product is formed first as F.silu(gate) * up."""
     if act_granularity not in GRANULARITIES:
         raise ValueError(f"w4a8_linear: activation granularity {act_granularity!r} is not supported; "
                          f"supported: {GRANULARITIES}")

@@ -82,4 +82,5 @@ class W4A8TritonBackend:
         return w4a8_linear(gate_up, layer.w4a8_weights, scheme.act_granularity, layer.w4a8_input_scale, bias=bias,
                            out_dtype=out_dtype, ue8m0=scheme.ue8m0_scales, pre_quant_scale=smoothing, silu_mul=True)
 
+
 TRITON_W4A8 = register(W4A8TritonBackend())
