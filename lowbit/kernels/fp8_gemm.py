@@ -288,10 +288,19 @@ def _calls_table(n: int, k: int) -> tuple[tuple[int, tuple[int, bool, bool]], ..
     return tuple(sorted(out))
 
 
+# Block weights where cuBLAS has no block scaling (sm89): the per-shape small_m crossovers were measured against cuBLAS
+# block-wise, so there small_m keeps M up to where it beat the Triton block GEMM instead (H100, bench/kernels/fp8.py,
+# 2112x7168: 13.8 vs 23.0 us at M = 64, 17.3 vs 22.8 at M = 128, 24.7 vs 22.9 at M = 256)
+NO_CUBLAS_BLOCK_SMALL_M_MAX = 128
+
+
 def pick_candidate(w: Fp8Weights, act: str, m: int, out_dtype=torch.bfloat16) -> str:
     """The GEMM for M rows: measured thresholds in configs/fp8_select.json (defaults before measurement)."""
     sel = select_thresholds(w)
-    if m <= min(sel["small_m_max"], fp8_small_m.MAX_M_TILED) or not w.weight.is_cuda:
+    small_max = sel["small_m_max"]
+    if w.granularity == "block" and w.weight.is_cuda and not cublas_block_scaling(w.weight.device):
+        small_max = max(small_max, NO_CUBLAS_BLOCK_SMALL_M_MAX)
+    if m <= min(small_max, fp8_small_m.MAX_M_TILED) or not w.weight.is_cuda:
         return "small_m" if m <= fp8_small_m.MAX_M_TILED else "triton"
     if _cublas_block_ok(w, act, m) and m >= sel["cublas_block_min_m"]:
         return "cublas_block"

@@ -429,6 +429,23 @@ def test_gpu_cublas_block_rows(n, shards, m, split_k, split_n, bias):
 
 
 @pytest.mark.gpu
+def test_gpu_selection_without_cublas_block_scaling(monkeypatch):
+    """On an sm89 device (no cuBLAS block scaling) block weights keep small_m up to NO_CUBLAS_BLOCK_SMALL_M_MAX,
+    then the Triton block GEMM; on this GPU the measured table's cuBLAS block-wise pick at M = 64 stays."""
+    n, k, shards = 2112, 7168, [2112]
+    w, s = _weights(n, k, "block", shards, "cuda")
+    W = fp8_repack(w, s, "block", shards, BLOCK)
+    native = [pick_candidate(W, "token_group", m) for m in (32, 64)]
+    assert native == ["small_m", "cublas_block"] or not fp8_gemm.cublas_block_scaling(W.weight.device)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert [pick_candidate(W, "token_group", m) for m in (64, 128, 129, 2048)] == ["small_m", "small_m", "triton",
+                                                                                    "triton"]
+    x = _x(100, k, torch.bfloat16, "cuda")
+    _check(fp8_linear(x, W, "token_group"), _expected(x, w, s, "block", shards, "token_group", torch.bfloat16), k,
+           torch.bfloat16, "sm89 pick")
+
+
+@pytest.mark.gpu
 def test_gpu_selection_runs_rows(monkeypatch):
     """fp8_linear's own choice inside a configured rows range: cuBLAS block-wise with rows (+ split_n), from bf16 x."""
     n, k, shards, m = 2112, 7168, [1536, 576], 1024
