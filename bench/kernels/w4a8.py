@@ -257,6 +257,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.kernels.w4a8")
     parser.add_argument("what", choices=["select"])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--ms", default=None, help="comma-separated M values (default 32..1024)")
+    parser.add_argument("--ms", default=None, help="comma-separated M values (default 1, 4, 16, ..., 1024)")
     a = parser.parse_args()
     select(a.out, [int(v) for v in a.ms.split(",")] if a.ms else SELECT_MS)
