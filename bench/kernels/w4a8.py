@@ -27,7 +27,7 @@ import time
 import torch
 
 from bench.common import Interleaved, print_table, rooflines, save_section
-from bench.kernels.fp8_tune import longest_run
+from bench.kernels.fp8_tune import _write_config, longest_run
 from bench.kernels.w4a16 import budget_rounds, copies_for, safe_us
 
 SHAPES = {  # (N, K): DeepSeek-V3 (as bench/kernels/fp8.py), Llama-3-8B and Qwen3-32B projections
@@ -206,8 +206,6 @@ def select_ranges(choice: dict, old: dict) -> dict:
 
 def write_select(choice: dict, old: dict, ms, device: str) -> None:
     """select_ranges(choice, old) into configs/w4a8_select.json (fused_pre entries without a range removed)."""
-    from bench.kernels.fp8_tune import _write_config
-
     def upd(cfg):
         for (key, shape, act), rng in select_ranges(choice, old).items():
             entry = cfg.setdefault(key, {}).setdefault(shape, {})

@@ -2,6 +2,10 @@
 
 y = dequant(xq) @ dequant(W)^T + bias, the math of reference.fp8_gemm_ref (fp32 accumulation).
 
+(Over 500 lines on purpose: one concept, the fp8 linear - its repack, the measured selection tables of
+configs/fp8_select.json and the cuBLAS call forms they name share Fp8Weights and one config loader that the tests
+patch here; about 40 lines are the record of designs measured and not kept, next to the code they would replace.)
+
 Canonical input (lowbit/scheme.py) -> what each candidate reads:
 | weight granularity | canonical weight_scale              | Fp8Weights                                           |
 |--------------------|-------------------------------------|------------------------------------------------------|
