@@ -26,6 +26,29 @@ def test_choose_switches_only_on_a_clear_win():
     assert ch[(256, 512, "tensor_static", "w16")][-1] == (256, "dequant_cublas_x128")
 
 
+def test_choose_keeps_fused_within_its_m_range():
+    """In-kernel fused timed fastest above fused_max_m is no pick (pick_candidate cannot return it there); at or
+    below it, it takes the M back from w16."""
+    rows = [_row(16, "w16", 12.0, w16_us=12.0, pre_us=15.0, fused_us=9.0, fused_static_us=9.0, w16_static_us=12.0),
+            _row(64, "w16", 12.0, w16_us=12.0, pre_us=15.0, fused_us=9.0, fused_static_us=9.0, w16_static_us=12.0)]
+    rows[0]["cand_static"] = rows[1]["cand_static"] = "w16"
+    rows[0]["static_us"] = rows[1]["static_us"] = 12.0
+    for act in ("token_group", "tensor_static"):
+        assert choose(rows, fused_max_m=32)[(256, 512, act, "w16")] == [(16, "fused"), (64, "w16")]
+        assert choose(rows)[(256, 512, act, "w16")] == [(16, "fused"), (64, "fused")]  # no bound given
+
+
+def test_select_ranges_close_the_gap_after_fused():
+    """fused (in-kernel) picked at 32 = fused_max_m and w16 from 64: w16 starts at 33, not leaving 33..63 to
+    dequant_cublas; a fused pick below fused_max_m with the run right after it changes nothing."""
+    old = {"w16": {}, "fused_pre": {}, "w16_default": None, "fused_max_m": 32}
+    choice = {(256, 512, "tensor_static", "w16"): [(16, "fused"), (32, "fused"), (64, "w16"), (128, "w16")],
+              (256, 512, "token_group", "w16"): [(16, "fused"), (32, "w16"), (64, "w16")]}
+    r = select_ranges(choice, old)
+    assert r[("w16", "256x512", "tensor_static")] == [33, 128]
+    assert r[("w16", "256x512", "token_group")] == [32, 64]
+
+
 def test_run_is_the_longest_consecutive_run():
     picks = [(32, "w16"), (64, "w16"), (128, "x"), (256, "w16"), (512, "w16"), (1024, "w16")]
     assert longest_run(picks, "w16") == [256, 1024]

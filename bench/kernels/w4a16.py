@@ -2,6 +2,7 @@
 
     python -m bench.kernels w4a16 [--quick] [--out DIR]          the benchmark (results section "w4a16_gemm")
     python -m bench.kernels.w4a16 --tune [--out DIR]             writes lowbit/kernels/configs/w4a16_<gpu>.json
+    python -m bench.kernels.w4a16 --tune --shapes 2112x7168,...  tunes those shapes into the checked-in table
 
 Times are CUDA-graph replays of several calls, each on its own copy of the weights (>= 160 MB of distinct
 bytes, > 3x the L2 of an H100), so small-M numbers are HBM numbers, not L2 hits and not launch gaps; lowbit's
@@ -198,8 +199,10 @@ def _plot(rows, roof, out_dir) -> None:
     print("plot", path)
 
 
-def tune(out_dir: str | None = None, quick: bool = False, time_limit_s: float = 1e9) -> str:
-    """Time every candidate per (shape, M) with graph replays; write the table the GEMM looks up."""
+def tune(out_dir: str | None = None, quick: bool = False, time_limit_s: float = 1e9,
+         shapes: list[tuple[int, int]] | None = None) -> str:
+    """Time every candidate per (shape, M) with graph replays; write the table the GEMM looks up. shapes: tune only
+    these (N, K) and merge them into the checked-in table (its other shapes and its note kept)."""
     from lowbit.kernels.w4a16 import w4a16_gemm
     from lowbit.kernels.w4a16_tune import CONFIG_DIR, candidates, shape_key
 
@@ -208,6 +211,12 @@ def tune(out_dir: str | None = None, quick: bool = False, time_limit_s: float = 
     table = {}
     every = [nk for shapes in SHAPES.values() for nk in shapes]
     order = QUICK_SHAPES + ([] if quick else [nk for nk in every if nk not in QUICK_SHAPES])  # targets first
+    base = {}
+    if shapes:
+        order = shapes
+        with open(os.path.join(CONFIG_DIR, f"w4a16_{gpu_name()}.json")) as f:
+            base = json.load(f)
+        table = base.get("configs", {})
     for n, k in order:
         if time.time() - t_start > time_limit_s:
             print(f"time limit: {n}x{k} and later shapes untuned (the heuristic serves them)")
@@ -232,8 +241,11 @@ def tune(out_dir: str | None = None, quick: bool = False, time_limit_s: float = 
     path = os.path.join(out_dir or CONFIG_DIR, f"w4a16_{gpu_name()}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "dtype": str(dtype), "tuned_on": f"int4 g{GROUP} sym",
-                   "configs": table}, f, indent=1, sort_keys=True)
+        added = f"; {time.strftime('%Y-%m-%d')}: {', '.join(f'{n}x{k}' for n, k in shapes)} tuned by " \
+            "python -m bench.kernels.w4a16 --tune --shapes (every candidate, fastest per bucket)" if shapes else ""
+        json.dump(dict(base, device=torch.cuda.get_device_name(), dtype=str(dtype), tuned_on=f"int4 g{GROUP} sym",
+                       configs=table, **({"note": base.get("note", "") + added} if shapes else {})),
+                  f, indent=1, sort_keys=True)
     print("wrote", path, f"in {time.time() - t_start:.0f} s")
     return path
 
@@ -244,5 +256,7 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--time-limit", type=float, default=1e9)
+    p.add_argument("--shapes", default=None, help="with --tune: NxK,... tuned and merged into the checked-in table")
     a = p.parse_args()
-    tune(a.out, a.quick, a.time_limit) if a.tune else main(a)
+    only = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
+    tune(a.out, a.quick, a.time_limit, only) if a.tune else main(a)

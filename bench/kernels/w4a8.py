@@ -99,10 +99,14 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
             for forced in ("dequant", "dequant_cublas"):
                 t.add(f"{forced}_us", [lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
                                        for w in ws])
+        if m <= 64:  # in-kernel quantization, timed at every small M: a range once given to another candidate
+            # (w16, fused_pre) can then come back to it in `select`
+            t.add("fused_us", [lambda w=w: w4a8_linear(x, w, "token_group", candidate="fused") for w in ws])
+            t.add("fused_static_us", [lambda w=w: w4a8_linear(x, w, "tensor_static", static, candidate="fused")
+                                      for w in ws])
         if 16 < m <= 64:
-            for forced in ("fused", "dequant_cublas"):
-                t.add(f"{forced}_us", [lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
-                                       for w in ws])
+            t.add("dequant_cublas_us", [lambda w=w: w4a8_linear(x, w, "token_group", candidate="dequant_cublas")
+                                        for w in ws])
         r.update(t.run())
         if r["us"]:
             nbytes = n * k // 2 + n * math.ceil(k / 128) * 2 + 2 * m * k + 2 * m * n
@@ -128,8 +132,8 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
 
 COLUMNS = ["shape", "M", "cand", "cfg", "us", "static_us", "w4a16_us", "x_w4a16", "x_w4a16_static", "exact_us",
            "wide_us", "wide_static_us", "rowskip_static_us", "pct_hbm", "bf16_us", "x_bf16", "cublas_fp8_us",
-           "fused_us", "dequant_cublas_us", "dequant_us", "pre_us", "pre_static_us", "w16_us", "w16_static_us",
-           "dequant_cublas_static_us", "dequant_cublas_x128_static_us"]
+           "fused_us", "fused_static_us", "dequant_cublas_us", "dequant_us", "pre_us", "pre_static_us", "w16_us",
+           "w16_static_us", "dequant_cublas_static_us", "dequant_cublas_x128_static_us"]
 
 
 def main(args) -> None:
@@ -155,21 +159,24 @@ SELECT_MS = (1, 4, 16, 32, 64, 128, 256, 512, 1024)
 _SELECT_COLS = {
     "token_group": ({"w16": "w16_us", "fused_pre": "pre_us", "fused": "fused_us", "dequant_cublas": "dequant_cublas_us",
                      "dequant": "dequant_us"}, "us", "cand"),
-    "tensor_static": ({"w16": "w16_static_us", "fused_pre": "pre_static_us",
+    "tensor_static": ({"w16": "w16_static_us", "fused_pre": "pre_static_us", "fused": "fused_static_us",
                        "dequant_cublas": "dequant_cublas_static_us",
                        "dequant_cublas_x128": "dequant_cublas_x128_static_us"}, "static_us", "cand_static"),
 }
 
 
-def choose(rows: list[dict]) -> dict:
+def choose(rows: list[dict], fused_max_m: int | None = None) -> dict:
     """{(N, K, granularity, table): [(M, candidate), ...]} from bench_shape rows: for table "w16" the fastest
     candidate at each M where it is >= 3% faster than the selection's own pick (else that pick stays); for table
     "fused_pre" the same among the candidates other than w16 (fused_pre is what pick_candidate falls back on where
-    w16 cannot run: fp32 outputs, a pre_quant_scale of another dtype), against the fastest of them."""
+    w16 cannot run: fp32 outputs, a pre_quant_scale of another dtype), against the fastest of them. The forced
+    in-kernel "fused" competes only up to fused_max_m (w4a8_select.json's: beyond it pick_candidate never returns it,
+    so a win there would hand that M to whatever comes next, not to fused)."""
     out = {}
     for r in rows:
         for act, (cols, own, cand_col) in _SELECT_COLS.items():
-            timed = {c: r[col] for c, col in cols.items() if r.get(col)}
+            timed = {c: r[col] for c, col in cols.items()
+                     if r.get(col) and (c != "fused" or fused_max_m is None or r["M"] <= fused_max_m)}
             cur, cur_us = r[cand_col], r.get(own)
             if cur_us:
                 timed.setdefault(cur, cur_us)  # the selection's own pick (e.g. in-kernel fused) competes too
@@ -189,15 +196,20 @@ def select_ranges(choice: dict, old: dict) -> dict:
     """{("w16" | "fused_pre", "NxK", granularity): [lo, hi] or None} from choose()'s picks: per shape and granularity
     the longest run of measured M where that candidate was picked; a configured lower bound (old: the selection
     before) between the run's first M and the M measured before it stays (e.g. 17 where 16 and 32 were measured);
-    fused_pre only up to M = 64 (a decode kernel); w16 None means never (rather than w16_default)."""
+    where the M measured before the run went to the in-kernel fused, the run starts right after old["fused_max_m"]
+    (above it pick_candidate never returns fused, and the M in between would fall to dequant_cublas, which no
+    measurement picked there); fused_pre only up to M = 64 (a decode kernel); w16 None means never (rather than
+    w16_default)."""
     out = {}
+    fused_max_m = old.get("fused_max_m")
     for (n, k, act, key), picks in choice.items():
         rng = longest_run(picks, key)
         prev = old[key].get(f"{n}x{k}", {}).get(act) or (old["w16_default"] if key == "w16" else None)
-        if rng and prev:
-            before = max([m for m, _ in picks if m < rng[0]], default=0)
-            if before < prev[0] < rng[0]:
-                rng[0] = prev[0]
+        before, before_pick = max([(m, p) for m, p in picks if rng and m < rng[0]], default=(0, None))
+        if rng and prev and before < prev[0] < rng[0]:
+            rng[0] = prev[0]
+        if rng and before_pick == "fused" and fused_max_m is not None and before <= fused_max_m < rng[0] - 1:
+            rng[0] = fused_max_m + 1
         if rng and key == "fused_pre" and rng[0] > 64:
             rng = None
         out[(key, f"{n}x{k}", act)] = rng
@@ -239,7 +251,7 @@ def select(out_dir: str | None = None, ms=SELECT_MS, shapes=None) -> dict:
     rows = []
     for n, k in shapes or [s for v in SHAPES.values() for s in v]:
         rows += bench_shape(n, k, list(ms), roof, names[(n, k)])
-    choice = choose(rows)
+    choice = choose(rows, _select()["fused_max_m"])
     for key, picks in choice.items():
         print(f"  {key}: {picks}", flush=True)
     write_select(choice, _select(), ms, torch.cuda.get_device_name())
@@ -256,5 +268,7 @@ if __name__ == "__main__":
     parser.add_argument("what", choices=["select"])
     parser.add_argument("--out", default=None)
     parser.add_argument("--ms", default=None, help="comma-separated M values (default 1, 4, 16, ..., 1024)")
+    parser.add_argument("--shapes", default=None, help="NxK,... (default: every sweep shape; others keep their ranges)")
     a = parser.parse_args()
-    select(a.out, [int(v) for v in a.ms.split(",")] if a.ms else SELECT_MS)
+    select(a.out, [int(v) for v in a.ms.split(",")] if a.ms else SELECT_MS,
+           [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None)
