@@ -338,8 +338,8 @@ def test_gpu_silu_mul(shape, act):
 
 @pytest.mark.gpu
 def test_gpu_selection_takes_w16_where_measured():
-    """configs/w4a8_select.json w16: 4096x7168 token_group M = 17..128 (H100; fused at M <= 16), not for fp32
-    outputs or above; 7168x16384 token_group from M = 1, static from 17."""
+    """configs/w4a8_select.json w16: 4096x7168 token_group M = 17..256 (H100; fused at M <= 16), not for fp32
+    outputs or above; 7168x16384 token_group and static from M = 1."""
     _, qweight, scales = _weights(4096, 7168, "cuda", scale_dtype=torch.bfloat16)
     w = w4a8_repack(qweight, scales, 128, 7168)
     assert [pick_candidate(w, m) for m in (1, 16, 17, 64, 128)] == ["fused", "fused", "w16", "w16", "w16"]
@@ -347,9 +347,10 @@ def test_gpu_selection_takes_w16_where_measured():
     _, qweight, scales = _weights(7168, 16384, "cuda", scale_dtype=torch.bfloat16)
     w = w4a8_repack(qweight, scales, 128, 16384)
     assert [pick_candidate(w, m) for m in (1, 16)] == ["w16"] * 2
-    assert [pick_candidate(w, m, "tensor_static") for m in (1, 16, 17)] == ["fused", "fused", "w16"]
-    # fp32 outputs (no w16): x quantized first from M = 1 (fused_pre [1, 64], measured against in-kernel fused)
-    assert pick_candidate(w, 8, out16=False) == "fused_pre" and pick_candidate(w, 65, out16=False) != "fused_pre"
+    assert [pick_candidate(w, m, "tensor_static") for m in (1, 16, 17)] == ["w16"] * 3
+    # fp32 outputs (no w16): in-kernel up to M = 16, x quantized first from 32 (fused_pre [32, 64], measured)
+    assert pick_candidate(w, 8, out16=False) == "fused"
+    assert pick_candidate(w, 33, out16=False) == "fused_pre" and pick_candidate(w, 65, out16=False) != "fused_pre"
 
 
 @pytest.mark.gpu
