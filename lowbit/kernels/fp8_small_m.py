@@ -19,6 +19,11 @@ M = 1 took 17.8 / 13.0 / 11.3 us with 16 / 32 / 64-row tiles (best split, warps,
 work is paid per tile, so thin tiles cost more than their extra bytes in flight give. A bare streaming read of the
 weight bytes timed the same way (best of 40 launch shapes) took 7.7 / 12.3 / 40.9 us on 2112x7168 / 4096x7168 /
 7168x16384: 65 / 79 / 95% of the copy bandwidth, so at these sizes launch and ramp-up latency bound any kernel.
+Also not kept (H100, seventh session, token_group x in-kernel, M = 1 / 16, all 14 fp8 sweep shapes): the weight tile
+through a TMA descriptor (host TensorDescriptor, block [BLOCK_N, 128]) on the table's config and 24 variants (64 / 128
+rows, 0.5-2x the splits, 3 / 4 / 6 stages): the best of them from 2% faster (32768x512) to 4% slower (2112x7168) than
+these pointer loads, one run (4096x7168 M = 1: 16.6 vs 16.1 us), while a bare TMA read of the same bytes reached 64-95%
+of copy (13.3 us there).
 Every K-block's MMA result is added to the fp32 accumulator separately (sm90 fp8 MMAs keep ~14 bits while
 accumulating, fp8_block.py). In-kernel quantization multiplies by 1 / scale (quant_act.quantize_tile_rcp),
 so a code can differ from quantize_fp8 by one e4m3 step where x / s is within an fp32 ulp of a tie; the GEMM

@@ -66,6 +66,18 @@ the four quick shapes had measured ranges and the others took dequant_cublas fro
 1x128 GEMM is slow at mid M (5120x25600 M = 256: 218.6 us, w16 127.5, bf16 110); w16 now serves M = 32..256-1024 on
 every shape but 2112x7168 (dequant_cublas from 128) and token_group decode (M = 1..16) on 8 shapes where the in-kernel
 quantization of the fused path cost more (51200x5120: 0.66 -> 0.94x w4a16; 5120x25600 0.65 -> 0.89x).
+Also not kept (H100, seventh session, static x, a throwaway probe): cuBLAS block-scaled with the operands swapped,
+y^T = W x^T (W's 1 x 128 scales on A, x's constant 128x128 grid on B): the same time as dequant_cublas_x128's GEMM
+(4096x7168 M = 8192: 428.7 vs 426.3 us; 64-94% of per-tensor fp8 either way over the 14 shapes), and y^T then needs a
+transpose (+19-640%). Where static time goes at M = 8192 (4096x4096): the x128 GEMM 245 us, int4 -> e4m3 scratch
+9.7, quantizing x ~35-45 (the pass of its own), against 216 for per-tensor fp8 on e4m3 x and 390 for bf16.
+Seventh session (H100): w16 runs w4a16_gemm, whose table had no entry for the six DeepSeek-V3 shapes and 51200x5120
+(the heuristic served them: 2112x7168 M = 256 took 39.9 us, bf16 19.3). With those shapes tuned (python -m
+bench.kernels.w4a16 --tune --shapes ...) and their ranges re-selected, w4a8 token_group x bf16 at M = 64 / 256:
+2112x7168 0.77 -> 0.94 / 0.66 -> 0.68, 7168x2048 0.74 -> 0.93 / 0.55 -> 0.71, 4096x7168 1.27 -> 1.29 / 0.65 -> 0.80,
+24576x1536 1.81 -> 1.83 / 0.66 -> 0.80 (bench/results/h100.json w4a8_gemm). The select pass now times the in-kernel
+fused path at every M <= 64: before, once w16 held an M <= 16 range, fused was no longer timed there and could not win
+it back (a first re-select moved 2112x7168 token_group M = 1..16 to w16 at 0.76x w4a16 where fused gives 0.88x).
 At M <= 16 the weight stream is the same int4 bytes as w4a16's, so w4a8 can tie w4a16 at best; quantizing x costs
 a launch (fused_pre, w16) or per-tile work (fused). w4a16_us / w4a8 us at M = 1..16 on the four quick shapes (python -m
 bench.kernels w4a8 --quick --ms 1,2,4,8,16, H100, fourth session): token_group 0.85-0.90x (was 0.69-0.90x), static
