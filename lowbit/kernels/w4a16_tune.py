@@ -23,7 +23,7 @@ import os
 import torch
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
-TABLE_ALIASES = {"h200": "h100"}  # same SM (sm90, 132 SMs): used only where a GPU lacks its own table
+TABLE_ALIASES = {"h200": "h100"}  # same SM (sm90, 132 SMs): its shapes serve where the GPU's own table has none
 MAX_BUCKET = 16384
 
 
@@ -72,10 +72,12 @@ def _read(path: str) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def load_table(gpu: str) -> dict:
-    """Checked-in table for this GPU (or its alias) overlaid with the user's autotune cache. Read-only."""
+    """Checked-in table for this GPU, the shapes it lacks taken whole from its alias's table (an H100-tuned entry
+    beats the heuristic on an H200: same SMs), overlaid with the user's autotune cache. Read-only."""
     table = _read(os.path.join(CONFIG_DIR, f"w4a16_{gpu}.json"))
-    if not table and gpu in TABLE_ALIASES:
-        table = _read(os.path.join(CONFIG_DIR, f"w4a16_{TABLE_ALIASES[gpu]}.json"))
+    if gpu in TABLE_ALIASES:
+        for shape, per_m in _read(os.path.join(CONFIG_DIR, f"w4a16_{TABLE_ALIASES[gpu]}.json")).items():
+            table.setdefault(shape, per_m)
     for shape, per_m in _read(user_cache_path(gpu)).items():
         table.setdefault(shape, {}).update(per_m)
     return table

@@ -7,6 +7,7 @@ Budget: the fp32-accumulated result vs the fp32 reference, tolerance growing wit
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -167,6 +168,24 @@ def test_config_lookup(tmp_path, monkeypatch):
     tune.save_user_config("testgpu", tune.shape_key(w), 4, best)  # $LOWBIT_CACHE is a temp dir in tests
     tune.load_table.cache_clear()
     assert tune.load_table("testgpu")["64x256:int4"]["4"]["path"] == "dequant"
+
+
+def test_table_alias_fills_missing_shapes(tmp_path, monkeypatch):
+    """An H200 uses its own entries, and the H100 table's for the shapes its own table lacks (whole, not per bucket)."""
+    from lowbit.kernels import w4a16_tune as tune
+
+    for gpu, configs in (("h100", {"1x1:int4": {"1": {"path": "h100"}}, "2x2:int4": {"1": {"path": "h100"}}}),
+                         ("h200", {"1x1:int4": {"16": {"path": "h200"}}})):
+        (tmp_path / f"w4a16_{gpu}.json").write_text(json.dumps({"configs": configs}))
+    monkeypatch.setattr(tune, "CONFIG_DIR", str(tmp_path))
+    tune.load_table.cache_clear()
+    try:
+        table = tune.load_table("h200")
+        assert table["1x1:int4"] == {"16": {"path": "h200"}}
+        assert table["2x2:int4"] == {"1": {"path": "h100"}}
+        assert set(tune.load_table("h100")) == {"1x1:int4", "2x2:int4"}
+    finally:
+        tune.load_table.cache_clear()
 
 
 @pytest.mark.parametrize("swap", [True, False])
