@@ -72,8 +72,9 @@ def _read(path: str) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def load_table(gpu: str) -> dict:
-    """Checked-in table for this GPU, the shapes it lacks taken whole from its alias's table (an H100-tuned entry
-    beats the heuristic on an H200: same SMs), overlaid with the user's autotune cache. Read-only."""
+    """Checked-in table for this GPU, the shapes it lacks taken whole from its alias's table (an H200 has the H100's
+    SMs, so an H100-tuned entry stands in for the untuned heuristic there; not measured on an H200), overlaid with the
+    user's autotune cache. Read-only."""
     table = _read(os.path.join(CONFIG_DIR, f"w4a16_{gpu}.json"))
     if gpu in TABLE_ALIASES:
         for shape, per_m in _read(os.path.join(CONFIG_DIR, f"w4a16_{TABLE_ALIASES[gpu]}.json")).items():
