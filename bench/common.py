@@ -143,6 +143,11 @@ def rooflines() -> dict:
     }
 
 
+def parse_shapes(text: str | None) -> list[tuple[int, int]] | None:
+    """"2112x7168,4096x7168" -> [(2112, 7168), (4096, 7168)] (the --shapes option of the tuning commands)."""
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")] if text else None
+
+
 def gpu_name() -> str:
     name = torch.cuda.get_device_name().lower()
     for key in ("h200", "h100", "a100", "l40s", "l4", "b200"):

@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from bench.common import Interleaved, copies_for, gpu_name, graph_replay_us, print_table, rooflines, save_section
+from bench.common import (Interleaved, copies_for, gpu_name, graph_replay_us, parse_shapes, print_table, rooflines,
+                          save_section)
 
 SHAPES = {  # per model: qkv (fused), o, gate (= up), down as (N, K)
     "llama3-8b": [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)],
@@ -258,5 +259,4 @@ if __name__ == "__main__":
     p.add_argument("--time-limit", type=float, default=1e9)
     p.add_argument("--shapes", default=None, help="with --tune: NxK,... tuned and merged into the checked-in table")
     a = p.parse_args()
-    only = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
-    tune(a.out, a.quick, a.time_limit, only) if a.tune else main(a)
+    tune(a.out, a.quick, a.time_limit, parse_shapes(a.shapes)) if a.tune else main(a)

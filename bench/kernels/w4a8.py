@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench.common import Interleaved, print_table, rooflines, save_section
+from bench.common import Interleaved, parse_shapes, print_table, rooflines, save_section
 from bench.kernels.fp8_tune import _write_config, longest_run
 from bench.kernels.w4a16 import budget_rounds, copies_for, safe_us
 
@@ -270,5 +270,4 @@ if __name__ == "__main__":
     parser.add_argument("--ms", default=None, help="comma-separated M values (default 1, 4, 16, ..., 1024)")
     parser.add_argument("--shapes", default=None, help="NxK,... (default: every sweep shape; others keep their ranges)")
     a = parser.parse_args()
-    select(a.out, [int(v) for v in a.ms.split(",")] if a.ms else SELECT_MS,
-           [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None)
+    select(a.out, [int(v) for v in a.ms.split(",")] if a.ms else SELECT_MS, parse_shapes(a.shapes))

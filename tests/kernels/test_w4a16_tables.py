@@ -7,7 +7,6 @@ tuned on) against the fp32 reference, so a config that is fast but wrong on its 
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -23,11 +22,7 @@ CUDA = torch.cuda.is_available()
 def _table() -> dict:
     if not CUDA:
         return {}
-    path = os.path.join(tune.CONFIG_DIR, f"w4a16_{tune.gpu_key('cuda')}.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)["configs"]
+    return tune._read(os.path.join(tune.CONFIG_DIR, f"w4a16_{tune.gpu_key('cuda')}.json"))  # {} when absent
 
 
 TABLE = _table()
@@ -39,11 +34,10 @@ TABLE = _table()
 def test_gpu_table_entry_is_correct_on_its_shape(shape):
     n, k = (int(v) for v in shape.split(":")[0].split("x"))
     qw, s, z, gi, g = make(n, k, 128, True, False, seed=n + k, device="cuda")
-    w = None
+    w = w4a16_repack(qw, s, z, gi, 4, g, k)
     for bucket, cfg in sorted(TABLE[shape].items(), key=lambda kv: int(kv[0])):
         cfg = {key: v for key, v in cfg.items() if key != "us"}
         x = torch.randn(int(bucket), k, device="cuda", dtype=torch.bfloat16)
-        w = w or w4a16_repack(qw, s, z, gi, 4, g, k)
         try:
             check(x, qw, s, z, gi, 4, g, config=cfg, w=w)
         except AssertionError as exc:
