@@ -4,7 +4,8 @@ Bytes = 16-bit input read + e4m3 output written + scales (tensor_dynamic reads t
 then quantize; counted once, so its fraction shows the cost of the second pass). pct_copy is the fraction
 of the device-to-device copy bandwidth (read + write) measured in the same run; the target is >= 70% at
 8192 x 7168. Peer: the eager torch reference (reference.quantize_fp8_ref; F.silu * up first for SiLU).
-`mlp_down` rows time a whole fp8 down_proj with the SiLU-mul fused into its input quantization against the
+`norm` / `norm_quant` rows: add + RMSNorm (+ quantize) in one pass (kernels/norm.py) against the unfused sequences
+(bench_norm). `mlp_down` rows time a whole fp8 down_proj with the SiLU-mul fused into its input quantization against the
 unfused sequence (torch SiLU-mul, then the GEMM that quantizes its input); `mlp_down_w4a8` rows the same for w4a8.
 """
 
@@ -96,6 +97,50 @@ def bench_mlp_down_w4a8(m, gran, n=7168, inter=18432, dtype=torch.bfloat16):
             "x_torch": ref / us if us and ref else None}
 
 
+def bench_norm(m, k, gran, roof, dtype=torch.bfloat16):
+    """Add + RMSNorm + quantize (the input of qkv_proj / gate_up_proj): one fused pass (kernels/norm.py
+    rms_norm_quantize_fp8, what the fp8 / w4a8 backends run) against lowbit's norm kernel followed by quantize_fp8,
+    and against the torch module's math followed by quantize_fp8 (what ran before), interleaved. gran None: the
+    16-bit norm alone (rms_norm against the torch math). pct_copy counts the bytes the fused pass must move: x and
+    the residual read, the new residual and the output (e4m3, or 16-bit for gran None) written."""
+    from lowbit.kernels.norm import rms_norm, rms_norm_quantize_fp8
+    from lowbit.kernels.quant_act import quantize_fp8
+
+    n = copies_for(6 * m * k, cap=4)
+    xs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(n)]
+    rs = [torch.randn(m, k, device="cuda", dtype=dtype) for _ in range(n)]
+    w = torch.rand(k, device="cuda", dtype=dtype) + 0.5
+    scale = torch.tensor([0.05], device="cuda") if gran == "tensor_static" else None
+
+    def torch_norm(x, r):  # layers/norm.py's torch path
+        x = x + r
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype), x
+
+    t = timer()
+    pairs = list(zip(xs, rs))
+    if gran is None:
+        t.add("us", [lambda x=x, r=r: rms_norm(x, w, 1e-6, residual=r) for x, r in pairs])
+        t.add("torch_ref_us", [lambda x=x, r=r: torch_norm(x, r) for x, r in pairs])
+    else:
+        t.add("us", [lambda x=x, r=r: rms_norm_quantize_fp8(x, w, 1e-6, gran, scale, residual=r,
+                                                            column_major_scales=True) for x, r in pairs])
+        t.add("unfused_us", [lambda x=x, r=r: quantize_fp8(rms_norm(x, w, 1e-6, residual=r)[0], gran, scale,
+                                                           column_major_scales=True) for x, r in pairs])
+        t.add("torch_ref_us", [lambda x=x, r=r: quantize_fp8(torch_norm(x, r)[0], gran, scale,
+                                                             column_major_scales=True) for x, r in pairs])
+    res = t.run()
+    row = {"op": "norm" if gran is None else "norm_quant", "M": m, "K": k, "gran": gran or "-", **res}
+    if res["us"]:
+        nbytes = m * k * (2 + 2 + 2 + (2 if gran is None else 1))
+        row["GBps"] = nbytes / res["us"] / 1e3
+        row["pct_copy"] = 100 * row["GBps"] / roof["copy_GBps"]
+        row["x_torch"] = res["torch_ref_us"] / res["us"] if res["torch_ref_us"] else None
+        if res.get("unfused_us"):
+            row["x_unfused"] = res["unfused_us"] / res["us"]
+    return row
+
+
 def main(args) -> None:
     roof = rooflines()
     print(f"rooflines: {roof}")
@@ -116,7 +161,15 @@ def main(args) -> None:
             rows.append(bench_mlp_down_w4a8(m, gran))
             print(f"  mlp_down_w4a8 M={m} {gran}: fused {rows[-1]['us']} us, unfused {rows[-1]['torch_ref_us']} us",
                   flush=True)
-    print_table(rows, ["op", "M", "K", "gran", "us", "GBps", "pct_copy", "torch_ref_us", "x_torch"])
+    for k in (7168, 4096):
+        for m in [v for v in [1, 16, 2048, 8192] if not ms or v in ms]:
+            for gran in (None, "tensor_static", "token", "token_group"):
+                rows.append(bench_norm(m, k, gran, roof))
+                r = rows[-1]
+                print(f"  {r['op']} M={m} K={k} {r['gran']}: {r['us']} us ({r.get('pct_copy') or 0:.0f}% of copy), "
+                      f"unfused {r.get('unfused_us')}, torch {r['torch_ref_us']}", flush=True)
+    print_table(rows, ["op", "M", "K", "gran", "us", "GBps", "pct_copy", "torch_ref_us", "x_torch", "unfused_us",
+                       "x_unfused"])
     payload = {"rooflines": roof, "rows": rows, "quick": bool(args.quick), "ms": ms, "dtype": "bfloat16",
                "timing": "CUDA graph replay over rotated inputs"}
     print("saved", save_section("act_quant", payload, args.out))

@@ -16,6 +16,10 @@ per shape; at each M the graphs of all candidates and peers are replayed in turn
                  as a constant 128x128 grid, forced (M >= 33)
   pre_us / pre_static_us   token_group / static with x quantized first (candidate fused_pre), M <= 64
   w16_us / w16_static_us   token_group / static, x fake-quantized then lowbit's w4a16 GEMM (candidate w16)
+  gemm_us / gemm_static_us   M >= 128: token_group / static with x quantized by its producer (the fused add +
+                 RMSNorm + quantize of kernels/norm.py in the models): w4a8_linear on e4m3 x (prequantized_candidate),
+                 or where the selection picks w16, lowbit's w4a16 GEMM on the (fake-quantized) bf16 x
+  x_bf16_gemm / x_bf16_gemm_static = bf16_us / gemm_us / gemm_static_us
   bf16_us, cublas_fp8_us         peers (torch.nn.functional.linear; torch._scaled_mm tensor-wise)
 """
 
@@ -99,6 +103,14 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
             for forced in ("dequant", "dequant_cublas"):
                 t.add(f"{forced}_us", [lambda w=w, c=forced: w4a8_linear(x, w, "token_group", candidate=c)
                                        for w in ws])
+        if m >= 128:  # x quantized by its producer (norm / SiLU-mul fused), the GEMM alone
+            for act, key, sc in (("token_group", "gemm_us", None), ("tensor_static", "gemm_static_us", static)):
+                xq, xsc = quantize_fp8(x, act, sc, column_major_scales=act == "token_group")
+                if pick_candidate(ws[0], m, act) == "w16":
+                    t.add(key, [lambda w=w: w4a16_gemm(x, w.w16) for w in ws])
+                else:
+                    t.add(key, [lambda w=w, a=act, q=xq, s=xsc: w4a8_linear(q, w, a, out_dtype=dtype, x_scale=s)
+                                for w in ws])
         if m <= 64:  # in-kernel quantization, timed at every small M: a range once given to another candidate
             # (w16, fused_pre) can then come back to it in `select`
             t.add("fused_us", [lambda w=w: w4a8_linear(x, w, "token_group", candidate="fused") for w in ws])
@@ -114,6 +126,9 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
             r["pct_hbm"] = 100 * r["GBps"] / roof["copy_GBps"]
             r["x_bf16"] = r["bf16_us"] / r["us"] if r["bf16_us"] else None
             r["x_w4a16"] = r["w4a16_us"] / r["us"] if r["w4a16_us"] else None
+        for key, col in (("gemm_us", "x_bf16_gemm"), ("gemm_static_us", "x_bf16_gemm_static")):
+            if r.get(key) and r["bf16_us"]:
+                r[col] = r["bf16_us"] / r[key]
         if r["static_us"] and r["w4a16_us"]:
             r["x_w4a16_static"] = r["w4a16_us"] / r["static_us"]
         rows.append(r)
@@ -130,7 +145,8 @@ def bench_shape(n, k, ms, roof, name, dtype=torch.bfloat16):
     return rows
 
 
-COLUMNS = ["shape", "M", "cand", "cfg", "us", "static_us", "w4a16_us", "x_w4a16", "x_w4a16_static", "exact_us",
+COLUMNS = ["shape", "M", "cand", "cfg", "us", "static_us", "w4a16_us", "x_w4a16", "x_w4a16_static", "gemm_us",
+           "gemm_static_us", "x_bf16_gemm", "x_bf16_gemm_static", "exact_us",
            "wide_us", "wide_static_us", "rowskip_static_us", "pct_hbm", "bf16_us", "x_bf16", "cublas_fp8_us",
            "fused_us", "fused_static_us", "dequant_cublas_us", "dequant_us", "pre_us", "pre_static_us", "w16_us",
            "w16_static_us", "dequant_cublas_static_us", "dequant_cublas_x128_static_us"]

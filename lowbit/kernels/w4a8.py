@@ -243,17 +243,66 @@ def _dequant_cublas(xq, xs, act: str, w: W4A8Weights, bias, out_dtype, x128: boo
     return y if bias is None else y.add_(bias)
 
 
+PREQUANTIZED = ("fused_pre", "dequant_cublas", "dequant_cublas_x128", "dequant")  # the candidates reading e4m3 x
+
+
+def prequantized_candidate(w: W4A8Weights, m: int, act: str) -> str:
+    """The candidate for x quantized by its producer: pick_candidate's, where it reads e4m3 x; for its w16 / fused
+    picks (which quantize x themselves) the fused_pre kernel at decode sizes, else the scratch + cuBLAS GEMM."""
+    cand = pick_candidate(w, m, act, out16=False)
+    if cand in PREQUANTIZED:
+        return cand
+    if m <= FP8_ACT_MAX_M:
+        return "fused_pre"
+    return "dequant_cublas" if cublas_ok(w, m) else "dequant"
+
+
+def _linear_prequantized(xq, w: W4A8Weights, act: str, xs, bias, out_dtype, candidate) -> torch.Tensor:
+    if act not in GRANULARITIES:
+        raise ValueError(f"w4a8_linear: activation granularity {act!r} is not supported; supported: {GRANULARITIES}")
+    if xs is None or out_dtype is None:
+        raise ValueError("w4a8_linear: e4m3 x needs x_scale and out_dtype")
+    if xq.shape[-1] != w.k:
+        raise ValueError(f"w4a8_linear: x has {xq.shape[-1]} columns, the weight needs K={w.k}")
+    if bias is not None and bias.shape != (w.n,):
+        raise ValueError(f"w4a8_linear: bias shape {tuple(bias.shape)}, expected ({w.n},)")
+    lead = xq.shape[:-1]
+    x2 = xq.reshape(-1, w.k)
+    m = x2.shape[0]
+    cand = candidate or prequantized_candidate(w, m, act)
+    if cand not in PREQUANTIZED:
+        raise ValueError(f"w4a8_linear: candidate {cand!r} does not take e4m3 x; supported: {PREQUANTIZED}")
+    group = act == "token_group"
+    if cand == "fused_pre":
+        y = w4a16_gemm_fp8act(x2, w.w16, "e4m3_group" if group else "e4m3_row", xs.float(), bias, out_dtype,
+                              config=fused_config(w, m, x2.device))
+    elif cand in ("dequant_cublas", "dequant_cublas_x128"):
+        y = _dequant_cublas(x2, xs, act, w, bias, out_dtype, cand == "dequant_cublas_x128")
+    else:
+        tuned = load_config("fp8_block")
+        rows = torch.arange(w.n, dtype=torch.int32, device=x2.device)
+        y = fp8_block.fp8_block_gemm(x2, xs, group, int4_to_fp8(w), _scales_f32(w).contiguous(), rows, w.n, w.k,
+                                     bias=bias, out_dtype=out_dtype, config=fp8_block.block_config(m, tuned),
+                                     tma=bool(tuned.get("tma", False)))
+    return y.reshape(*lead, w.n)
+
+
 def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_scale: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, ue8m0: bool = False,
                 candidate: str | None = None, pre_quant_scale: torch.Tensor | None = None,
-                silu_mul: bool = False) -> torch.Tensor:
+                silu_mul: bool = False, x_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] @ W^T (+ bias) with (x * pre_quant_scale) quantized to e4m3 per act_granularity
     (token_group: G = 128). pre_quant_scale [K] in x's dtype is fused into x's quantization (the decode kernel's x
     load, or the quantization pass), rounded to x's dtype as the unfused product; one of another dtype promotes, so
     that product is formed first. silu_mul: x is gate | up [..., 2K] and the layer's input is silu(gate) * up (the
     MLP's down projection): where x is quantized (or fake-quantized) in a pass of its own, SiLU-and-mul runs inside
     that pass (quant_act.py's SILU mode: gate | up read once, the 16-bit product never written); where the GEMM
-    quantizes in-kernel (decode) or the pre_quant_scale promotes, the product is formed first as F.silu(gate) * up."""
+    quantizes in-kernel (decode) or the pre_quant_scale promotes, the product is formed first as F.silu(gate) * up.
+    x already e4m3 (quantized by its producer, e.g. norm.rms_norm_quantize_fp8) comes with x_scale in quantize_fp8's
+    layout (token_group: column-major) and out_dtype; it runs on the candidates that read e4m3 x: fused_pre (decode
+    sizes), dequant_cublas(_x128), dequant."""
+    if x.dtype == torch.float8_e4m3fn:
+        return _linear_prequantized(x, w, act_granularity, x_scale, bias, out_dtype, candidate)
     if act_granularity not in GRANULARITIES:
         raise ValueError(f"w4a8_linear: activation granularity {act_granularity!r} is not supported; "
                          f"supported: {GRANULARITIES}")
@@ -304,15 +353,6 @@ def w4a8_linear(x: torch.Tensor, w: W4A8Weights, act_granularity: str, input_sca
     quant = silu_mul_quantize_fp8 if silu_mul else quantize_fp8
     xq, xs = quant(x2, act_granularity, input_scale, GROUP_SIZE, ue8m0, column_major_scales=group,
                    pre_quant_scale=pre_quant_scale)
-    if cand in ("fused", "fused_pre"):  # token / tensor_dynamic (the whole row's amax comes first) or forced
-        mode = "e4m3_group" if group else "e4m3_row"
-        y = w4a16_gemm_fp8act(xq, w.w16, mode, xs.float(), bias, out_dtype, config=fused_config(w, m, x.device))
-    elif cand in ("dequant_cublas", "dequant_cublas_x128"):
-        y = _dequant_cublas(xq, xs, act_granularity, w, bias, out_dtype, cand == "dequant_cublas_x128")
-    else:
-        tuned = load_config("fp8_block")
-        rows = torch.arange(w.n, dtype=torch.int32, device=x.device)
-        y = fp8_block.fp8_block_gemm(xq, xs, group, int4_to_fp8(w), _scales_f32(w).contiguous(), rows, w.n, w.k,
-                                     bias=bias, out_dtype=out_dtype, config=fp8_block.block_config(m, tuned),
-                                     tma=bool(tuned.get("tma", False)))
+    # token / tensor_dynamic on fused (the whole row's amax comes first), or forced: the fused_pre kernel
+    y = _linear_prequantized(xq, w, act_granularity, xs, bias, out_dtype, "fused_pre" if cand == "fused" else cand)
     return y.reshape(*lead, w.n)

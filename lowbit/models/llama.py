@@ -16,7 +16,7 @@ from lowbit.layers.activation import GatedAct
 from lowbit.layers.attention import Attention, AttentionMetadata
 from lowbit.layers.embedding import VocabEmbedding
 from lowbit.layers.linear import Linear
-from lowbit.layers.norm import RMSNorm
+from lowbit.layers.norm import RMSNorm, norm_linear
 from lowbit.layers.quant_config import QuantConfig
 from lowbit.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -43,8 +43,12 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, layer_idx, window)
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+        return self.attend(self.qkv_proj(x), cos_sin, meta)
+
+    def attend(self, qkv: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Everything after qkv_proj (the decoder layer runs qkv_proj fused with its input norm)."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                                           self.num_kv_heads * self.head_dim], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
@@ -73,7 +77,10 @@ class LlamaMLP(nn.Module):
         self.act = GatedAct(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.gate_up_proj(x)  # [T, 2I]
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        """down_proj(act(gate) * up) from gate_up_proj's output h [T, 2I]."""
         # a backend that quantizes its input (fp8 activations) can take gate|up and fuse SiLU-and-mul into that
         # quantization: h is read once and the 16-bit product never written
         fused = getattr(getattr(self.down_proj, "backend", None), "apply_silu_mul", None)
@@ -91,13 +98,12 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, quant, dtype, f"{prefix}.mlp")
 
     def forward(self, x, residual, cos_sin, meta):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos_sin, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        # each norm runs with the projection after it (norm_linear: fused into its fp8 input quantization where the
+        # backend offers that)
+        qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
+        x = self.self_attn.attend(qkv, cos_sin, meta)
+        h, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, x, residual)
+        return self.mlp.down(h), residual
 
 
 class LlamaModel(nn.Module):

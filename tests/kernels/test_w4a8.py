@@ -17,9 +17,10 @@ import torch
 
 from lowbit.kernels import reference as ref
 from lowbit.kernels.w4a16_fp8act import fp8act_config, w4a16_gemm_fp8act
+from lowbit.kernels.quant_act import quantize_fp8
 from lowbit.kernels.w4a16_layout import w4a16_repack, w4a16_unpack
-from lowbit.kernels.w4a8 import (fused_config, int4_to_fp8, pick_candidate, w4a8_can_implement, w4a8_linear,
-                                 w4a8_repack)
+from lowbit.kernels.w4a8 import (fused_config, int4_to_fp8, pick_candidate, prequantized_candidate, w4a8_can_implement,
+                                 w4a8_linear, w4a8_repack)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -87,6 +88,30 @@ def test_w4a8_linear_cpu(case):
                     candidate=cand)
     assert y.shape == (m, n)
     _check(y, _expected(x, qweight, scales, k, act, bias), k, torch.float32)
+
+
+PRE_CASES = [(3, 96, 256, "token_group", "fused_pre"), (1, 64, 300, "tensor_static", "fused_pre"),
+             (5, 48, 300, "token", "fused_pre"), (6, 64, 384, "token_group", "dequant"),
+             (17, 40, 256, "tensor_static", "dequant"), (70, 48, 130, "token", None)]
+
+
+@pytest.mark.parametrize("case", PRE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_prequantized_x_cpu(case):
+    """x quantized by its producer (e4m3 + quantize_fp8's scales) gives the output of w4a8_linear on the 16-bit x,
+    bit for bit, through the same candidate (its quantization pass makes the same codes)."""
+    m, n, k, act, cand = case
+    _, qweight, scales = _weights(n, k)
+    w = w4a8_repack(qweight, scales, 128, k)
+    x = _x(m, k, torch.float16)
+    scale = _static() if act == "tensor_static" else None
+    xq, xs = quantize_fp8(x, act, scale, column_major_scales=act == "token_group")
+    y = w4a8_linear(xq, w, act, bias=None, out_dtype=torch.float16, x_scale=xs, candidate=cand)
+    want = w4a8_linear(x, w, act, scale, candidate=cand or prequantized_candidate(w, m, act))
+    assert y.dtype == torch.float16 and torch.equal(y, want)
+    with pytest.raises(ValueError, match="needs x_scale"):
+        w4a8_linear(xq, w, act, out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="does not take e4m3 x"):
+        w4a8_linear(xq, w, act, out_dtype=torch.float16, x_scale=xs, candidate="w16")
 
 
 SILU_CASES = [(3, 96, 256, "token_group", "fused"), (1, 64, 300, "tensor_static", "fused"),
@@ -314,6 +339,26 @@ def test_gpu_w4a8(shape, act, dtype):
         y = w4a8_linear(x, w, act, _static("cuda") if act == "tensor_static" else None, bias=bias, candidate=cand)
         assert y.dtype == dtype
         _check(y, y_ref, k, dtype, f"candidate {cand}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(300, 4096, 4096), (24, 2112, 7168), (2048, 1024, 2048)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act", ["tensor_static", "token", "token_group"])
+def test_gpu_prequantized_x(shape, act):
+    """e4m3 x with its scales through every candidate that reads it equals w4a8_linear on the bf16 x, bit for bit."""
+    m, n, k = shape
+    _, qweight, scales = _weights(n, k, "cuda", scale_dtype=torch.bfloat16)
+    w = w4a8_repack(qweight, scales, 128, k)
+    x = _x(m, k, torch.bfloat16, "cuda")
+    scale = _static("cuda") if act == "tensor_static" else None
+    xq, xs = quantize_fp8(x, act, scale, column_major_scales=act == "token_group")
+    cands = [c for c in _candidates(m, n, k, act) if c not in ("fused", "w16")]
+    for cand in cands:
+        y = w4a8_linear(xq, w, act, out_dtype=torch.bfloat16, x_scale=xs,
+                        candidate=cand or prequantized_candidate(w, m, act))
+        want = w4a8_linear(x, w, act, scale, candidate=cand or prequantized_candidate(w, m, act))
+        assert torch.equal(y, want), f"candidate {cand}: {(y.float() - want.float()).abs().max()}"
 
 
 @pytest.mark.gpu

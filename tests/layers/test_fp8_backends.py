@@ -152,6 +152,65 @@ def test_fused_silu_mul_matches_unfused_mlp(tmp_path, kind, backend, monkeypatch
         assert fused.shape == plain.shape and err < 1e-2, f"{kind} M={m}: relative error {err:.3g}"
 
 
+def _norm_linear_cases(backend):
+    """(label, patches) per path apply_rms_norm can take: patches force the GEMM candidate the backend sees."""
+    if backend == "triton_fp8":
+        return [("quantize first", {"lowbit.kernels.fp8_gemm.fuses_quant": lambda *a: False})]
+    return [(c, {"lowbit.kernels.w4a8.pick_candidate": lambda *a, c=c, **k: c})
+            for c in ("fused_pre", "w16", "dequant")]
+
+
+def _check_fused_norm(tmp_path, kind, backend, device, dtype, ms, monkeypatch):
+    """backend.apply_rms_norm(layer, x, residual, norm) against the norm kernel's output fed to the layer: the same
+    e4m3 codes (or fake-quantized values) reach the same GEMM, so the outputs are equal bit for bit, and the new
+    residual is x + residual. Both projections that follow a norm (qkv_proj, gate_up_proj) are checked."""
+    from lowbit.kernels.norm import rms_norm
+    from lowbit.layers.norm import norm_linear
+
+    _write(kind, str(tmp_path))
+    st = Stepper(str(tmp_path), device=device, dtype=dtype)
+    dec = st.model.model.layers[0]
+    g = torch.Generator(device=device).manual_seed(0)
+    for norm, linear in ((dec.input_layernorm, dec.self_attn.qkv_proj), (dec.post_attention_layernorm,
+                                                                          dec.mlp.gate_up_proj)):
+        assert linear.backend.name == backend
+        for label, patches in _norm_linear_cases(backend):
+            for target, fn in patches.items():
+                monkeypatch.setattr(target, fn)
+            for m in ms:
+                x = torch.randn(m, linear.in_features, device=device, generator=g).to(dtype)
+                r = torch.randn(m, linear.in_features, device=device, generator=g).to(dtype)
+                for res in (None, r):
+                    out = linear.backend.apply_rms_norm(linear, x, res, norm)
+                    h = rms_norm(x, norm.weight, norm.eps, residual=res)
+                    want = linear(h if res is None else h[0])
+                    if linear.quant_method.scheme.act_granularity == "tensor_dynamic":  # its amax spans the tensor
+                        assert out is None
+                        out = norm_linear(norm, linear, x, res)  # the norm module, then the layer
+                        want = linear(norm(x) if res is None else norm(x, res)[0])
+                    assert out is not None, f"{kind} {label} M={m}: not fused"
+                    y, new_res = out
+                    assert torch.equal(y, want), f"{kind} {label} M={m}: {(y - want).abs().max()}"
+                    assert new_res is x if res is None else torch.equal(new_res, x + r)
+            monkeypatch.undo()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path; on CUDA see the gpu test below")
+@pytest.mark.parametrize("kind,backend", KINDS)
+def test_fused_rms_norm_matches_unfused_in_interpreter(tmp_path, monkeypatch, kind, backend):
+    for b in backends_for("w8a8_fp8") + backends_for("w4a8"):
+        if b.name == backend:
+            monkeypatch.setattr(b, "min_capability", None)  # let the selection take it on the CPU
+    monkeypatch.setenv("LOWBIT_BACKEND", backend)
+    _check_fused_norm(tmp_path, kind, backend, "cpu", torch.float16, (3,), monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,backend", KINDS)
+def test_fused_rms_norm_matches_unfused(tmp_path, kind, backend, monkeypatch):
+    _check_fused_norm(tmp_path, kind, backend, "cuda", torch.bfloat16, (40, 300), monkeypatch)
+
+
 def test_scheme_presets_are_served():
     assert QuantScheme("fp8_e4m3", "channel", act_dtype="fp8_e4m3", act_granularity="token").name == "w8a8_fp8"
     assert W4A8_TENSOR_STATIC.name == "w4a8" and FP8_BLOCK.name == "w8a8_fp8_block"

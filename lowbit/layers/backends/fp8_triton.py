@@ -97,4 +97,28 @@ class Fp8TritonBackend:
         return y.reshape(*lead, y.shape[-1])
 
 
+    def apply_rms_norm(self, layer, x: torch.Tensor, residual: torch.Tensor | None, norm):
+        """(layer(norm(x [+ residual])), new residual) with the norm fused into the activation quantization
+        (kernels/norm.py): x and the residual read once, the normalised 16-bit tensor never written. None (the caller
+        normalises, then applies the layer) where the GEMM quantizes x in-kernel (decode), for tensor_dynamic
+        activations, or rows the kernel does not take."""
+        from lowbit.kernels import norm as knorm
+        from lowbit.kernels.fp8_gemm import fp8_linear, fuses_quant, pick_candidate
+
+        scheme = layer.quant_method.scheme
+        gran = scheme.act_granularity
+        x2 = x.reshape(-1, x.shape[-1])
+        if gran not in knorm.FUSED_GRANULARITIES or not knorm.supported(x2, norm.weight):
+            return None
+        m = x2.shape[0]
+        if pick_candidate(layer.fp8_weights, gran, m, x.dtype) == "small_m" and fuses_quant(layer.fp8_weights, gran, m):
+            return None
+        r2 = None if residual is None else residual.reshape(x2.shape)
+        xq, xs, res = knorm.rms_norm_quantize_fp8(x2, norm.weight, norm.eps, gran, layer.fp8_input_scale, 128,
+                                                  scheme.ue8m0_scales, column_major_scales=True, residual=r2)
+        y = fp8_linear(xq, layer.fp8_weights, gran, layer.fp8_input_scale, bias=layer.bias, out_dtype=x.dtype,
+                       x_scale=xs, ue8m0=scheme.ue8m0_scales)
+        return y.reshape(*x.shape[:-1], y.shape[-1]), (x if res is None else res.reshape(x.shape))
+
+
 TRITON_FP8 = register(Fp8TritonBackend())

@@ -83,4 +83,39 @@ class W4A8TritonBackend:
                            out_dtype=out_dtype, ue8m0=scheme.ue8m0_scales, pre_quant_scale=smoothing, silu_mul=True)
 
 
+    def apply_rms_norm(self, layer, x: torch.Tensor, residual: torch.Tensor | None, norm):
+        """(layer(norm(x [+ residual])), new residual) with the norm (and the layer's pre_quant_scale) fused into the
+        activation quantization (kernels/norm.py): for the w16 candidate the fake-quantized operand, for the others
+        the e4m3 codes and scales they read. None (the caller normalises, then applies the layer) where the decode
+        GEMM quantizes x on its load (fused), for tensor_dynamic, a pre_quant_scale of another dtype, or rows the
+        kernel does not take."""
+        from lowbit.kernels import norm as knorm
+        from lowbit.kernels.w4a8 import pick_candidate, w4a8_linear
+        from lowbit.kernels.w4a16 import w4a16_gemm
+
+        scheme = layer.quant_method.scheme
+        gran = scheme.act_granularity
+        smoothing = getattr(layer, "pre_quant_scale", None)
+        x2 = x.reshape(-1, x.shape[-1])
+        if (gran not in knorm.FUSED_GRANULARITIES or not knorm.supported(x2, norm.weight)
+                or (smoothing is not None and smoothing.dtype != x.dtype)):
+            return None
+        w = layer.w4a8_weights
+        m = x2.shape[0]
+        cand = pick_candidate(w, m, gran, out16=x.dtype in (torch.float16, torch.bfloat16))
+        if cand == "fused":
+            return None
+        r2 = None if residual is None else residual.reshape(x2.shape)
+        args = (x2, norm.weight, norm.eps, gran, layer.w4a8_input_scale, 128, scheme.ue8m0_scales)
+        if cand == "w16":
+            xf, _, res = knorm.rms_norm_quantize_fp8(*args, residual=r2, pre_quant_scale=smoothing, fake=True)
+            y = w4a16_gemm(xf, w.w16, layer.bias)
+        else:
+            xq, xs, res = knorm.rms_norm_quantize_fp8(*args, column_major_scales=gran == "token_group", residual=r2,
+                                                      pre_quant_scale=smoothing)
+            # (cand reads e4m3 x: pick_candidate's picks are w16, fused and these)
+            y = w4a8_linear(xq, w, gran, bias=layer.bias, out_dtype=x.dtype, x_scale=xs, candidate=cand)
+        return y.reshape(*x.shape[:-1], y.shape[-1]), (x if res is None else res.reshape(x.shape))
+
+
 TRITON_W4A8 = register(W4A8TritonBackend())
