@@ -5,7 +5,8 @@ then quantize; counted once, so its fraction shows the cost of the second pass).
 of the device-to-device copy bandwidth (read + write) measured in the same run; the target is >= 70% at
 8192 x 7168. Peer: the eager torch reference (reference.quantize_fp8_ref; F.silu * up first for SiLU).
 `norm` / `norm_quant` rows: add + RMSNorm (+ quantize) in one pass (kernels/norm.py) against the unfused sequences
-(bench_norm). `mlp_down` rows time a whole fp8 down_proj with the SiLU-mul fused into its input quantization against the
+(bench_norm); `norm_linear_*` rows: a norm and the gate_up_proj after it, layers/norm.norm_linear against the torch
+norm module then the layer (bench_norm_linear). `mlp_down` rows time a whole fp8 down_proj with the SiLU-mul fused into its input quantization against the
 unfused sequence (torch SiLU-mul, then the GEMM that quantizes its input); `mlp_down_w4a8` rows the same for w4a8.
 """
 
@@ -141,6 +142,61 @@ def bench_norm(m, k, gran, roof, dtype=torch.bfloat16):
     return row
 
 
+def _layer(kind, k, n, dtype):
+    """A Linear [K -> N] with random weights of `kind` (fp8_block: DeepSeek-style fp8 128x128 blocks, token_group
+    acts; w4a8: int4 group 128, static per-tensor acts; bf16: unquantized), repacked for its GPU backend."""
+    import dataclasses
+
+    from lowbit.kernels.reference import pack_int32
+    from lowbit.layers.linear import Linear
+    from lowbit.layers.quant_methods import method_for_scheme
+    from lowbit.scheme import FP8_BLOCK, W4A8_TENSOR_STATIC
+
+    scheme = {"fp8_block": FP8_BLOCK, "w4a8": W4A8_TENSOR_STATIC, "w4a8_tg": dataclasses.replace(
+        W4A8_TENSOR_STATIC, act_granularity="token_group", act_group_size=128), "bf16": None}[kind]
+    layer = Linear(k, [n], quant_method=method_for_scheme(scheme) if scheme else None, dtype=dtype,
+                   prefix="bench").cuda()
+    if kind == "fp8_block":
+        layer.weight.data.copy_((torch.randn(n, k, device="cuda") * 0.5).to(torch.float8_e4m3fn))
+        layer.weight_scale.data.fill_(0.01)
+    elif kind.startswith("w4a8"):
+        layer.qweight.data.copy_(pack_int32(torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32), 4))
+        layer.scales.data.copy_(torch.rand(n, k // 128, device="cuda") * 1e-2 + 1e-3)
+        if layer.input_scale is not None:
+            layer.input_scale.data.fill_(0.05)
+    else:
+        layer.weight.data.normal_(0, 0.02)
+    layer.process_after_loading()
+    return layer
+
+
+def bench_norm_linear(m, kind, k=4096, n=28672, dtype=torch.bfloat16):
+    """A decoder layer's post-attention norm and gate_up_proj (Llama-3-70B: 8192 -> 2 x 28672 by default):
+    norm_linear (the norm fused into the projection's input quantization where the backend offers it, else the
+    Triton norm, then the layer) against what ran before (the torch RMSNorm module, then the layer), interleaved."""
+    from lowbit.layers.norm import RMSNorm, norm_linear
+
+    layer = _layer(kind, k, n, dtype)
+    norm = RMSNorm(k, 1e-6, dtype=dtype).cuda()
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    r = torch.randn(m, k, device="cuda", dtype=dtype)
+
+    def before():
+        xs = x + r
+        xf = xs.float()
+        return layer(norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)), xs
+
+    t = timer()
+    t.add("us", [lambda: norm_linear(norm, layer, x, r)])
+    t.add("torch_ref_us", [before])
+    res = t.run()
+    backend = getattr(layer, "backend", None)  # (unquantized layers have none: F.linear)
+    fused = getattr(backend, "apply_rms_norm", None)
+    return {"op": f"norm_linear_{kind}", "M": m, "K": k, "gran": backend.name if backend else "torch",
+            "fused": bool(fused and fused(layer, x, r, norm) is not None), **res,
+            "x_torch": res["torch_ref_us"] / res["us"] if res["us"] and res["torch_ref_us"] else None}
+
+
 def main(args) -> None:
     roof = rooflines()
     print(f"rooflines: {roof}")
@@ -168,6 +224,12 @@ def main(args) -> None:
                 r = rows[-1]
                 print(f"  {r['op']} M={m} K={k} {r['gran']}: {r['us']} us ({r.get('pct_copy') or 0:.0f}% of copy), "
                       f"unfused {r.get('unfused_us')}, torch {r['torch_ref_us']}", flush=True)
+    for kind in ("bf16", "fp8_block", "w4a8", "w4a8_tg"):
+        for m in [v for v in [16, 256, 2048, 8192] if not ms or v in ms]:
+            rows.append(bench_norm_linear(m, kind, k=8192, n=57344))
+            r = rows[-1]
+            print(f"  {r['op']} M={m} ({r['gran']}, fused {r['fused']}): {r['us']} us, before {r['torch_ref_us']} us",
+                  flush=True)
     print_table(rows, ["op", "M", "K", "gran", "us", "GBps", "pct_copy", "torch_ref_us", "x_torch", "unfused_us",
                        "x_unfused"])
     payload = {"rooflines": roof, "rows": rows, "quick": bool(args.quick), "ms": ms, "dtype": "bfloat16",

@@ -178,6 +178,8 @@ def _check_fused_norm(tmp_path, kind, backend, device, dtype, ms, monkeypatch):
             for target, fn in patches.items():
                 monkeypatch.setattr(target, fn)
             for m in ms:
+                if label == "fused_pre" and m > 64:  # (a decode-size kernel: pick_candidate keeps it to M <= 64)
+                    continue
                 x = torch.randn(m, linear.in_features, device=device, generator=g).to(dtype)
                 r = torch.randn(m, linear.in_features, device=device, generator=g).to(dtype)
                 for res in (None, r):
