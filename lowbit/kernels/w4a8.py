@@ -79,9 +79,10 @@ bench.kernels.w4a16 --tune --shapes ...) and their ranges re-selected, w4a8 toke
 fused path at every M <= 64: before, once w16 held an M <= 16 range, fused was no longer timed there and could not win
 it back (a first re-select moved 2112x7168 token_group M = 1..16 to w16 at 0.76x w4a16 where fused gives 0.88x).
 x quantized by its producer (eighth session, H100, bench/kernels/w4a8.py gemm_us columns, bench/results/h100.json
-w4a8_gemm_prequantized): the models fuse the add + RMSNorm before qkv_proj / gate_up_proj (kernels/norm.py) and the
-SiLU-mul before down_proj into x's quantization, so these GEMMs get e4m3 x (or, in w16 ranges, the fake-quantized
-bf16 x) and the separate quantization pass is gone. The GEMM alone x bf16 at M >= 2048, 14 shapes: static 1.06-1.72
+w4a8_gemm_prequantized): the models fuse the add + RMSNorm before qkv_proj / gate_up_proj (kernels/norm.py) and,
+from 256 tokens on, the SiLU-mul before down_proj into x's quantization, so these GEMMs get e4m3 x (or, in w16 ranges,
+the fake-quantized bf16 x) and no separate quantization pass; o_proj's input (the attention output) still takes one.
+The GEMM alone x bf16 at M >= 2048, 14 shapes: static 1.06-1.72
 (>= 1.5 on 9 of 28 points, 3 with the quantization pass timed in), token_group 0.90-1.27.
 At M <= 16 the weight stream is the same int4 bytes as w4a16's, so w4a8 can tie w4a16 at best; quantizing x costs
 a launch (fused_pre, w16) or per-tile work (fused). w4a16_us / w4a8 us at M = 1..16 on the four quick shapes (python -m
