@@ -49,7 +49,7 @@ class LlamaAttention(nn.Module):
         """Everything after qkv_proj (the decoder layer runs qkv_proj fused with its input norm)."""
         t = qkv.shape[0]
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                                          self.num_kv_heads * self.head_dim], dim=-1)
+                             self.num_kv_heads * self.head_dim], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)

@@ -96,7 +96,6 @@ class Fp8TritonBackend:
                        out_dtype=gate_up.dtype, x_scale=xs, ue8m0=scheme.ue8m0_scales)
         return y.reshape(*lead, y.shape[-1])
 
-
     def apply_rms_norm(self, layer, x: torch.Tensor, residual: torch.Tensor | None, norm):
         """(layer(norm(x [+ residual])), new residual) with the norm fused into the activation quantization
         (kernels/norm.py): x and the residual read once, the normalised 16-bit tensor never written. None (the caller

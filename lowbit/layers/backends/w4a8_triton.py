@@ -82,7 +82,6 @@ class W4A8TritonBackend:
         return w4a8_linear(gate_up, layer.w4a8_weights, scheme.act_granularity, layer.w4a8_input_scale, bias=bias,
                            out_dtype=out_dtype, ue8m0=scheme.ue8m0_scales, pre_quant_scale=smoothing, silu_mul=True)
 
-
     def apply_rms_norm(self, layer, x: torch.Tensor, residual: torch.Tensor | None, norm):
         """(layer(norm(x [+ residual])), new residual) with the norm (and the layer's pre_quant_scale) fused into the
         activation quantization (kernels/norm.py): for the w16 candidate the fake-quantized operand, for the others
