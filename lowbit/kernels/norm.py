@@ -30,19 +30,18 @@ One program normalises BLOCK_M whole rows held in registers (K <= MAX_K):
 | residual | x.dtype        | [M, K]                    | optional; x + residual written to res_out [M, K]        |
 | weight   | x.dtype        | [K]                       | the norm's weight                                       |
 | y        | x.dtype / e4m3 | [M, K]                    | h (OUT 0), its e4m3 codes (OUT 1-3) or fake-quantized h |
-| scale    | fp32           | [1] / [M, 1] / [M, K/G]   | tensor_static (given) / token / token_group (K/G rounded up;  |
-|          |                |                           | row- or column-major)                                   |
+| scale    | fp32           | [1] / [M, 1] / [M, K/G]   | tensor_static (given) / token / token_group (K/G rounded |
+|          |                |                           | up; row- or column-major)                               |
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.quant_act import FP8, _out, _rounded, fp8_scale, quantize_tile, soft_cast
+from lowbit.kernels.quant_act import FP8, _check as _check_quant, _out, _pqs, _rounded, empty_group_scales, fp8_scale, \
+    quantize_tile, soft_cast
 
 MAX_K = 16384  # a row lives in registers; wider rows are normalised by the torch module
 ROW_ELEMS = 8192  # elements per program: short rows are batched so every program keeps 16-byte loads in flight
@@ -161,32 +160,22 @@ def rms_norm_quantize_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, gra
     scale rounded, quant_act.fake_quantize_act_fp8's values). granularity: tensor_static (scale: the one-element input
     scale), token, token_group (group_size a power of two >= 16; ue8m0 power-of-two scales); tensor_dynamic is not
     fused (its amax spans the tensor)."""
-    _check(x, weight, residual, "rms_norm_quantize_fp8")
+    what = "rms_norm_quantize_fp8"
+    _check(x, weight, residual, what)
     if granularity not in FUSED_GRANULARITIES:
-        raise ValueError(f"rms_norm_quantize_fp8: granularity {granularity!r} is not supported; supported: "
-                         f"{FUSED_GRANULARITIES} (tensor_dynamic: rms_norm, then quantize_fp8)")
-    if granularity == "tensor_static" and (scale is None or scale.numel() != 1):
-        raise ValueError("rms_norm_quantize_fp8: tensor_static needs a one-element scale")
-    if granularity == "token_group" and (group_size < 16 or group_size & (group_size - 1)):
-        raise ValueError(f"rms_norm_quantize_fp8: group_size {group_size} is not supported; supported: powers of two "
-                         f">= 16")
+        raise ValueError(f"{what}: granularity {granularity!r} is not supported; supported: {FUSED_GRANULARITIES} "
+                         f"(tensor_dynamic: rms_norm, then quantize_fp8)")
+    _check_quant(x, granularity, scale, group_size, what)  # the scale and group size, as quantize_fp8 checks them
     if ue8m0 and granularity != "token_group":
-        raise ValueError("rms_norm_quantize_fp8: ue8m0 scales apply to token_group only")
+        raise ValueError(f"{what}: ue8m0 scales apply to token_group only")
     m, k = x.shape
-    pqs = None
-    if pre_quant_scale is not None:
-        if tuple(pre_quant_scale.shape) != (k,) or pre_quant_scale.dtype != x.dtype:
-            raise ValueError(f"rms_norm_quantize_fp8: pre_quant_scale must be [K={k}] {x.dtype}, got "
-                             f"{pre_quant_scale.dtype} {tuple(pre_quant_scale.shape)}")
-        pqs = pre_quant_scale.contiguous()
+    pqs = _pqs(pre_quant_scale, x, k, what)
     y = torch.empty((m, k), dtype=x.dtype if fake else FP8, device=x.device)
     if granularity == "tensor_static":
-        s = scale.reshape(1).to(device=x.device, dtype=torch.float32)
+        s = scale.reshape(1).to(torch.float32)
     elif granularity == "token":
         s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     else:
-        ng = math.ceil(k / group_size)
-        s = torch.empty((ng, m), dtype=torch.float32, device=x.device).t() if column_major_scales else \
-            torch.empty((m, ng), dtype=torch.float32, device=x.device)
+        s = empty_group_scales(m, k, group_size, column_major_scales, x.device)
     res_out = _launch(x, weight, eps, residual, pqs, y, s, _OUT[granularity], fake, group_size, ue8m0)
     return y, s, res_out

@@ -275,15 +275,22 @@ def _check(x: torch.Tensor, granularity: str, scale, group_size: int, what: str)
         raise ValueError(f"{what}: group_size {group_size} is not supported; supported: powers of two >= 16")
 
 
+def empty_group_scales(m: int, k: int, group_size: int, column_major: bool, device) -> torch.Tensor:
+    """The fp32 [M, ceil(K/G)] token_group scales, row-major or column-major (strides (1, M), what the GEMMs read)."""
+    ng = math.ceil(k / group_size)
+    if column_major:
+        return torch.empty((ng, m), dtype=torch.float32, device=device).t()
+    return torch.empty((m, ng), dtype=torch.float32, device=device)
+
+
 def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, silu, deq=False, pqs=None):
     m = x.shape[0]
     pqs_arg = pqs if pqs is not None else x
     y = torch.empty((m, k), dtype=x.dtype if deq else FP8, device=x.device)
     soft = soft_cast()
     if granularity == "token_group":
-        ng = math.ceil(k / group_size)
-        s = torch.empty((ng, m), dtype=torch.float32, device=x.device).t() if column_major_scales else \
-            torch.empty((m, ng), dtype=torch.float32, device=x.device)
+        s = empty_group_scales(m, k, group_size, column_major_scales, x.device)
+        ng = s.shape[1]
         if m == 0 or k == 0:
             return y, s
         block_g = min(triton.next_power_of_2(ng), max(1, GROUP_TILE_ELEMS // group_size))

@@ -110,13 +110,14 @@ class Fp8TritonBackend:
         if gran not in knorm.FUSED_GRANULARITIES or not knorm.supported(x2, norm.weight):
             return None
         m = x2.shape[0]
-        if pick_candidate(layer.fp8_weights, gran, m, x.dtype) == "small_m" and fuses_quant(layer.fp8_weights, gran, m):
+        cand = pick_candidate(layer.fp8_weights, gran, m, x.dtype)
+        if cand == "small_m" and fuses_quant(layer.fp8_weights, gran, m):
             return None
         r2 = None if residual is None else residual.reshape(x2.shape)
         xq, xs, res = knorm.rms_norm_quantize_fp8(x2, norm.weight, norm.eps, gran, layer.fp8_input_scale, 128,
                                                   scheme.ue8m0_scales, column_major_scales=True, residual=r2)
         y = fp8_linear(xq, layer.fp8_weights, gran, layer.fp8_input_scale, bias=layer.bias, out_dtype=x.dtype,
-                       x_scale=xs, ue8m0=scheme.ue8m0_scales)
+                       x_scale=xs, ue8m0=scheme.ue8m0_scales, candidate=cand)
         return y.reshape(*x.shape[:-1], y.shape[-1]), (x if res is None else res.reshape(x.shape))
 
 
