@@ -4,6 +4,7 @@ Bytes = 16-bit input read + e4m3 output written + scales (tensor_dynamic reads t
 then quantize; counted once, so its fraction shows the cost of the second pass). pct_copy is the fraction
 of the device-to-device copy bandwidth (read + write) measured in the same run; the target is >= 70% at
 8192 x 7168. Peer: the eager torch reference (reference.quantize_fp8_ref; F.silu * up first for SiLU).
+`silu_mul` rows: SiLU-and-mul alone (kernels/activation.py, what GatedAct runs on a GPU) against the torch ops.
 `norm` / `norm_quant` rows: add + RMSNorm (+ quantize) in one pass (kernels/norm.py) against the unfused sequences
 (bench_norm); `norm_linear_*` rows: a norm and the gate_up_proj after it, layers/norm.norm_linear against the torch
 norm module then the layer (bench_norm_linear). `mlp_down` rows time a whole fp8 down_proj with the SiLU-mul fused into its input quantization against the
@@ -142,26 +143,46 @@ def bench_norm(m, k, gran, roof, dtype=torch.bfloat16):
     return row
 
 
+def bench_silu_mul(m, i=18432, dtype=torch.bfloat16, roof=None):
+    """SiLU-and-mul alone (GatedAct on a GPU: kernels/activation.py silu_mul) against the torch ops it replaced."""
+    from lowbit.kernels.activation import silu_mul
+
+    xs = [torch.randn(m, 2 * i, device="cuda", dtype=dtype) for _ in range(copies_for(6 * m * i, cap=4))]
+    t = timer()
+    t.add("us", [lambda x=x: silu_mul(x) for x in xs])
+    t.add("torch_ref_us", [lambda x=x: F.silu(x[:, :i]) * x[:, i:] for x in xs])
+    res = t.run()
+    row = {"op": "silu_mul", "M": m, "K": i, "gran": "-", **res}
+    if res["us"]:
+        row["GBps"] = 6 * m * i / res["us"] / 1e3
+        row["pct_copy"] = 100 * row["GBps"] / roof["copy_GBps"] if roof else None
+        row["x_torch"] = res["torch_ref_us"] / res["us"] if res["torch_ref_us"] else None
+    return row
+
+
 def _layer(kind, k, n, dtype):
     """A Linear [K -> N] with random weights of `kind` (fp8_block: DeepSeek-style fp8 128x128 blocks, token_group
-    acts; w4a8: int4 group 128, static per-tensor acts; bf16: unquantized), repacked for its GPU backend."""
+    acts; w4a8: int4 group 128, static per-tensor acts; w4a8_tg: the same, token_group 128 acts; w4a16: int4 group
+    128 symmetric, 16-bit acts; bf16: unquantized), repacked for its GPU backend."""
     import dataclasses
 
     from lowbit.kernels.reference import pack_int32
     from lowbit.layers.linear import Linear
     from lowbit.layers.quant_methods import method_for_scheme
-    from lowbit.scheme import FP8_BLOCK, W4A8_TENSOR_STATIC
+    from lowbit.scheme import FP8_BLOCK, W4A8_TENSOR_STATIC, W4A16_G128
 
     scheme = {"fp8_block": FP8_BLOCK, "w4a8": W4A8_TENSOR_STATIC, "w4a8_tg": dataclasses.replace(
-        W4A8_TENSOR_STATIC, act_granularity="token_group", act_group_size=128), "bf16": None}[kind]
+        W4A8_TENSOR_STATIC, act_granularity="token_group", act_group_size=128), "w4a16": W4A16_G128,
+        "bf16": None}[kind]
     layer = Linear(k, [n], quant_method=method_for_scheme(scheme) if scheme else None, dtype=dtype,
                    prefix="bench").cuda()
     if kind == "fp8_block":
         layer.weight.data.copy_((torch.randn(n, k, device="cuda") * 0.5).to(torch.float8_e4m3fn))
         layer.weight_scale.data.fill_(0.01)
-    elif kind.startswith("w4a8"):
+    elif kind.startswith("w4"):
         layer.qweight.data.copy_(pack_int32(torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32), 4))
-        layer.scales.data.copy_(torch.rand(n, k // 128, device="cuda") * 1e-2 + 1e-3)
+        # 16-bit scales, as checkpoints carry them (the repack then keeps them 16-bit; fp32 ones load slower)
+        layer.scales.data.copy_((torch.rand(n, k // 128, device="cuda") * 1e-2 + 1e-3).to(dtype))
         if layer.input_scale is not None:
             layer.input_scale.data.fill_(0.05)
     else:
@@ -217,6 +238,9 @@ def main(args) -> None:
             rows.append(bench_mlp_down_w4a8(m, gran))
             print(f"  mlp_down_w4a8 M={m} {gran}: fused {rows[-1]['us']} us, unfused {rows[-1]['torch_ref_us']} us",
                   flush=True)
+    for m in [v for v in [1, 16, 2048, 8192] if not ms or v in ms]:
+        rows.append(bench_silu_mul(m, roof=roof))
+        print(f"  silu_mul M={m}: {rows[-1]['us']} us, torch {rows[-1]['torch_ref_us']} us", flush=True)
     for k in (7168, 4096):
         for m in [v for v in [1, 16, 2048, 8192] if not ms or v in ms]:
             for gran in (None, "tensor_static", "token", "token_group"):

@@ -277,13 +277,75 @@ def select(out_dir: str | None = None, ms=SELECT_MS, shapes=None) -> dict:
     return choice
 
 
+
+# ---- decode layers: what a model runs at M = 1..16, w4a8 against w4a16 on the same int4 weights --------------------
+
+DECODE_MS = (1, 2, 4, 8, 16)
+DECODE_KINDS = ("w4a16", "w4a8", "w4a8_tg")  # bench/kernels/act_quant.py _layer kinds
+DECODE_OPS = ("norm_linear", "silu_down", "linear")
+
+
+def _mlp_down(layer, h):
+    """models/llama.py LlamaMLP.down: the backend's fused SiLU-mul where it has one, else GatedAct's SiLU-and-mul
+    (one Triton pass on a GPU), then the layer."""
+    from lowbit.layers.activation import silu_and_mul
+
+    fused = getattr(layer.backend, "apply_silu_mul", None)
+    if fused is not None:
+        return fused(layer, h, layer.bias)
+    return layer(silu_and_mul(h))
+
+
+def decode_layers(out_dir: str | None = None, ms=DECODE_MS, shapes=None, dtype=torch.bfloat16) -> list[dict]:
+    """w4a8 (static per-tensor and token_group 128 activations) against w4a16 at decode sizes, as the models call the
+    layers: norm_linear (add + RMSNorm, then the projection: qkv_proj, gate_up_proj), silu_down (gate | up [M, 2K],
+    SiLU-mul, then the projection: down_proj) and linear (16-bit x straight in: o_proj). Each kind's Linear comes
+    with its backend's repack (act_quant._layer), rotated over copies so the weights are read from HBM; the three
+    kinds of one (op, M) are replayed interleaved. x_w4a16 = w4a16_us / us (>= 1: w4a8 as fast as w4a16)."""
+    from bench.kernels.act_quant import _layer
+    from lowbit.layers.norm import RMSNorm, norm_linear
+
+    rows = []
+    names = {s: f"{fam}:{s[0]}x{s[1]}" for fam, v in SHAPES.items() for s in v}
+    for n, k in shapes or QUICK_SHAPES:
+        layers = {kind: [_layer(kind, k, n, dtype) for _ in range(copies_for(n * k // 2))] for kind in DECODE_KINDS}
+        norm = RMSNorm(k, 1e-6, dtype=dtype).cuda()
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            r = torch.randn(m, k, device="cuda", dtype=dtype)
+            h = torch.randn(m, 2 * k, device="cuda", dtype=dtype)
+            calls = {"norm_linear": lambda lay: norm_linear(norm, lay, x, r), "silu_down": lambda lay: _mlp_down(lay, h),
+                     "linear": lambda lay: lay(x)}
+            for op in DECODE_OPS:
+                t = Interleaved(budget_rounds)
+                for kind in DECODE_KINDS:
+                    t.add(kind, [lambda lay=lay, f=calls[op]: f(lay) for lay in layers[kind]])
+                res = t.run()
+                row = {"shape": names.get((n, k), f"{n}x{k}"), "N": n, "K": k, "M": m, "op": op,
+                       "w4a16_us": res["w4a16"], "static_us": res["w4a8"], "us": res["w4a8_tg"]}
+                for key, col in (("static_us", "x_w4a16_static"), ("us", "x_w4a16")):
+                    row[col] = row["w4a16_us"] / row[key] if row[key] and row["w4a16_us"] else None
+                rows.append(row)
+                print(f"  {row['shape']} M={m} {op}: w4a16 {row['w4a16_us']} us, w4a8 static {row['static_us']} us "
+                      f"({row['x_w4a16_static']}), token_group {row['us']} us ({row['x_w4a16']})", flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    print_table(rows, ["shape", "M", "op", "w4a16_us", "static_us", "us", "x_w4a16_static", "x_w4a16"])
+    payload = {"rows": rows, "ms": list(ms), "timing": "CUDA graph replay, layers rotated over >= 160 MB; bf16"}
+    print("saved", save_section("w4a8_decode_layers", payload, out_dir))
+    return rows
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.kernels.w4a8")
-    parser.add_argument("what", choices=["select"])
+    parser.add_argument("what", choices=["select", "decode"])
     parser.add_argument("--out", default=None)
     parser.add_argument("--ms", default=None, help="comma-separated M values (default 1, 4, 16, ..., 1024)")
     parser.add_argument("--shapes", default=None, help="NxK,... (default: every sweep shape; others keep their ranges)")
     a = parser.parse_args()
-    select(a.out, [int(v) for v in a.ms.split(",")] if a.ms else SELECT_MS, parse_shapes(a.shapes))
+    if a.what == "decode":
+        decode_layers(a.out, [int(v) for v in a.ms.split(",")] if a.ms else DECODE_MS, parse_shapes(a.shapes))
+    else:
+        select(a.out, [int(v) for v in a.ms.split(",")] if a.ms else SELECT_MS, parse_shapes(a.shapes))

@@ -56,7 +56,12 @@ _IN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # launch shapes as data: elements per program ~ 8K keeps 16-byte loads in flight on every SM
 ROWS_MAX_SINGLE_K = 16384  # up to this K a token row is read once (amax and quantize from registers)
 ROWS_BLOCK_K_LOOP = 4096  # beyond it: two passes over BLOCK_K chunks (the second mostly hits L2)
+ROWS_SPLIT_BELOW = 64  # tensor_static / tensor_dynamic with fewer row programs than this (decode): the rows are ...
+ROWS_SPLIT_BLOCK_K = 512  # ... cut into K tiles of this many columns, one program each (H100, SiLU-mul + static
+# quantize at M = 1, I = 18432: 10.4 us on one program per row)
 GROUP_TILE_ELEMS = 4096  # token_group programs cover BLOCK_M x BLOCK_G groups of G
+GROUP_MIN_PROGRAMS = 128  # ... halving BLOCK_G while there are fewer programs (H100, SiLU-mul + token_group at M = 1,
+# I = 18432: 5.6 us on 5 programs)
 AMAX_BLOCK_K = 1024  # tensor_dynamic amax pass: 1024-element steps (2 KB of bf16 per program per step)
 AMAX_ROWS_MIN_M = 1024  # from this M one program per row walks all of K; below it programs split K ...
 AMAX_SPLIT_K = 1024  # ... in AMAX_SPLIT_K columns, so small M still spreads over the SMs
@@ -183,7 +188,7 @@ def quant_fp8_rows_kernel(
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # (a K split: static / dynamic SINGLE tiles only)
     mask_m = offs_m < M
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     y_rows = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym
@@ -192,9 +197,9 @@ def quant_fp8_rows_kernel(
         s = tl.load(s_ptr) + tl.zeros([BLOCK_M], tl.float32)
     elif MODE == 1:
         s = fp8_scale(tl.load(amax_ptr) + tl.zeros([BLOCK_M], tl.float32), False)
-        if pid == 0:
+        if (pid == 0) & (tl.program_id(1) == 0):
             tl.store(s_ptr, tl.max(s, axis=0))
-    if SINGLE:  # the whole row in registers: one read
+    if SINGLE:  # the whole row (or, split, a K tile of it) in registers: one read
         mask = mask_m[:, None] & (offs_k[None, :] < K)
         h = _load_act(x_rows + offs_k[None, :] * stride_xk, mask, half, SILU, pqs_ptr + offs_k[None, :], PQS)
         if MODE == 2:
@@ -294,7 +299,9 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
         if m == 0 or k == 0:
             return y, s
         block_g = min(triton.next_power_of_2(ng), max(1, GROUP_TILE_ELEMS // group_size))
-        block_m = max(1, GROUP_TILE_ELEMS // (block_g * group_size))
+        block_m = min(max(1, GROUP_TILE_ELEMS // (block_g * group_size)), triton.next_power_of_2(m))
+        while block_g > 1 and triton.cdiv(m, block_m) * triton.cdiv(ng, block_g) < GROUP_MIN_PROGRAMS:
+            block_g //= 2  # few rows (decode): smaller tiles, so that the programs spread over the SMs
         grid = (triton.cdiv(m, block_m), triton.cdiv(ng, block_g))
         quant_fp8_groups_kernel[grid](x, y, s, pqs_arg, m, k, x.stride(0), x.stride(1), y.stride(0), s.stride(0),
                                       s.stride(1), G=group_size, UE8M0=ue8m0, SILU=silu, SOFT=soft, BLOCK_M=block_m,
@@ -304,6 +311,9 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
     block_k = max(16, triton.next_power_of_2(k)) if single else ROWS_BLOCK_K_LOOP
     block_m = max(1, 2048 // block_k)
     num_warps = max(4, min(16, block_k // 512))
+    k_split = granularity != "token" and triton.cdiv(m, block_m) < ROWS_SPLIT_BELOW and k > ROWS_SPLIT_BLOCK_K
+    if k_split:  # elementwise once the scale is known: few rows spread over the SMs in K tiles
+        single, block_k, block_m, num_warps = True, ROWS_SPLIT_BLOCK_K, 1, 4
     amax = s_out = None
     if granularity == "tensor_static":
         mode, s_out = 0, scale.reshape(1).to(torch.float32)
@@ -324,7 +334,7 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
         mode, s_out = 2, torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return y, s_out
-    quant_fp8_rows_kernel[(triton.cdiv(m, block_m),)](
+    quant_fp8_rows_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k) if k_split else 1)](
         x, y, s_out, amax if amax is not None else s_out, pqs_arg, m, k, x.stride(0), x.stride(1), y.stride(0),
         s_out.stride(0) if mode == 2 else 0, MODE=mode, SILU=silu, SINGLE=single, SOFT=soft,
         BLOCK_M=block_m, BLOCK_K=block_k, DEQ=deq, PQS=pqs is not None, num_warps=num_warps)

@@ -263,6 +263,14 @@ def prequantized_candidate(w: W4A8Weights, m: int, act: str) -> str:
     return "dequant_cublas" if cublas_ok(w, m) else "dequant"
 
 
+def producer_fuses_w16(w: W4A8Weights, m: int, act: str, out16: bool) -> bool:
+    """Whether a producer that can write x fake-quantized (the norm / SiLU-mul kernels with fake=True) should do so
+    and hand the GEMM to w4a16 (the w16 candidate) instead of quantizing x itself: where pick_candidate takes w16,
+    and at decode sizes, where its picks (fused, fused_pre) exist only to save the quantization a pass of its own --
+    with that pass fused into the producer the GEMM is w4a16's on the same int4 bytes (16-bit x and output only)."""
+    return out16 and pick_candidate(w, m, act, out16) in ("w16", "fused", "fused_pre")
+
+
 def _linear_prequantized(xq, w: W4A8Weights, act: str, xs, bias, out_dtype, candidate) -> torch.Tensor:
     if act not in GRANULARITIES:
         raise ValueError(f"w4a8_linear: activation granularity {act!r} is not supported; supported: {GRANULARITIES}")

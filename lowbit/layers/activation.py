@@ -1,10 +1,23 @@
-"""Gated activations on a fused [T, 2*I] gate/up projection."""
+"""Gated activations on a fused [T, 2*I] gate/up projection (SiLU on a GPU: one Triton pass, kernels/activation.py)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lowbit.kernels import HAS_TRITON
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :I]) * x[..., I:]: one Triton pass on a GPU (kernels/activation.py), else the torch ops."""
+    if HAS_TRITON and x.is_cuda:
+        from lowbit.kernels import activation
+
+        if activation.supported(x):
+            return activation.silu_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -20,5 +33,7 @@ class GatedAct(nn.Module):
         self.act = _ACTS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.name == "silu":
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

@@ -55,6 +55,28 @@ def test_quantize_exact_small(gran, dtype):
     _check_exact(_data(5, 300, dtype), gran)  # odd M, K not a multiple of 128 (partial group)
 
 
+@pytest.mark.parametrize("gran", ["tensor_static", "tensor_dynamic"])
+def test_quantize_rows_split_over_k(gran):
+    """Few rows (decode): the per-tensor modes cut each row into ROWS_SPLIT_BLOCK_K tiles, one program each (the last
+    one partial); codes, scales and fake-quantized values stay the reference's bit for bit, SiLU-mul + pre_quant_scale
+    included."""
+    from lowbit.kernels import quant_act
+
+    k = 2 * quant_act.ROWS_SPLIT_BLOCK_K + 452  # two whole tiles and a partial one
+    x = _data(3, k, torch.float16)
+    _check_exact(x, gran)
+    _check_fake(x, gran)
+    gu = torch.randn(2, 2 * k, generator=torch.Generator().manual_seed(2)).to(torch.float16).to(DEV) * 3
+    pqs = _pqs(k, torch.float16)
+    scale = _static_scale(DEV) if gran == "tensor_static" else None
+    q, s = silu_mul_quantize_fp8(gu, gran, scale, pre_quant_scale=pqs)
+    qr, sr = quantize_fp8_ref((F.silu(gu[:, :k]) * gu[:, k:]) * pqs, gran, scale)
+    torch.testing.assert_close(s, sr, rtol=2e-2, atol=0)
+    assert (_codes(q) - _codes(qr)).abs().max().item() <= 1
+    fake = fake_quantize_act_fp8(gu, gran, scale, silu_mul=True, pre_quant_scale=pqs)
+    assert torch.equal(fake, (q.float() * s.reshape(-1, 1)).to(torch.float16))
+
+
 def _check_fake(x, gran, ue8m0=False):
     """fake_quantize_act_fp8 = the reference codes times their scales, rounded once to x.dtype, bit for bit."""
     scale = _static_scale(x.device) if gran == "tensor_static" else None

@@ -150,14 +150,26 @@ def test_fused_silu_mul_matches_unfused_mlp(tmp_path, kind, backend, monkeypatch
         plain = mlp.down_proj(mlp.act(h))
         err = ((fused.float() - plain.float()).norm() / plain.float().norm()).item()
         assert fused.shape == plain.shape and err < 1e-2, f"{kind} M={m}: relative error {err:.3g}"
+        if backend == "triton_w4a8" and m <= 16:  # decode: SiLU-mul writes x fake-quantized for the w4a16 GEMM
+            from lowbit.kernels.w4a8 import w4a8_linear
+
+            d, scheme = mlp.down_proj, mlp.down_proj.quant_method.scheme
+            want = w4a8_linear(h, d.w4a8_weights, scheme.act_granularity, d.w4a8_input_scale, bias=d.bias,
+                               ue8m0=scheme.ue8m0_scales, pre_quant_scale=d.pre_quant_scale, silu_mul=True,
+                               candidate="w16")
+            assert torch.equal(fused, want), f"{kind} M={m}: {(fused - want).abs().max()}"
 
 
 def _norm_linear_cases(backend):
-    """(label, patches) per path apply_rms_norm can take: patches force the GEMM candidate the backend sees."""
+    """(label, patches, expected) per path apply_rms_norm can take: patches force the GEMM candidate the backend
+    sees; expected, the candidate the layer's own path must take to give the same output (for w4a8's decode picks,
+    fused and fused_pre, 16-bit x goes to w16: the norm writes the fake-quantized operand, kernels/w4a8.py
+    producer_fuses_w16)."""
     if backend == "triton_fp8":
-        return [("quantize first", {"lowbit.kernels.fp8_gemm.fuses_quant": lambda *a: False})]
-    return [(c, {"lowbit.kernels.w4a8.pick_candidate": lambda *a, c=c, **k: c})
-            for c in ("fused_pre", "w16", "dequant")]
+        return [("quantize first", {"lowbit.kernels.fp8_gemm.fuses_quant": lambda *a: False}, None)]
+    return [(c, {"lowbit.kernels.w4a8.pick_candidate": lambda *a, c=c, **k: c},
+             {"lowbit.kernels.w4a8.pick_candidate": lambda *a, c=e, **k: c})
+            for c, e in (("fused", "w16"), ("fused_pre", "w16"), ("w16", "w16"), ("dequant", "dequant"))]
 
 
 def _check_fused_norm(tmp_path, kind, backend, device, dtype, ms, monkeypatch):
@@ -174,16 +186,18 @@ def _check_fused_norm(tmp_path, kind, backend, device, dtype, ms, monkeypatch):
     for norm, linear in ((dec.input_layernorm, dec.self_attn.qkv_proj), (dec.post_attention_layernorm,
                                                                           dec.mlp.gate_up_proj)):
         assert linear.backend.name == backend
-        for label, patches in _norm_linear_cases(backend):
-            for target, fn in patches.items():
-                monkeypatch.setattr(target, fn)
+        for label, patches, expected in _norm_linear_cases(backend):
             for m in ms:
-                if label == "fused_pre" and m > 64:  # (a decode-size kernel: pick_candidate keeps it to M <= 64)
+                if label.startswith("fused") and m > 64:  # (decode-size kernels: pick_candidate keeps them to M <= 64)
                     continue
                 x = torch.randn(m, linear.in_features, device=device, generator=g).to(dtype)
                 r = torch.randn(m, linear.in_features, device=device, generator=g).to(dtype)
                 for res in (None, r):
+                    for target, fn in patches.items():
+                        monkeypatch.setattr(target, fn)
                     out = linear.backend.apply_rms_norm(linear, x, res, norm)
+                    for target, fn in (expected or {}).items():
+                        monkeypatch.setattr(target, fn)
                     h = rms_norm(x, norm.weight, norm.eps, residual=res)
                     want = linear(h if res is None else h[0])
                     if linear.quant_method.scheme.act_granularity == "tensor_dynamic":  # its amax spans the tensor
@@ -210,7 +224,7 @@ def test_fused_rms_norm_matches_unfused_in_interpreter(tmp_path, monkeypatch, ki
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,backend", KINDS)
 def test_fused_rms_norm_matches_unfused(tmp_path, kind, backend, monkeypatch):
-    _check_fused_norm(tmp_path, kind, backend, "cuda", torch.bfloat16, (40, 300), monkeypatch)
+    _check_fused_norm(tmp_path, kind, backend, "cuda", torch.bfloat16, (1, 40, 300), monkeypatch)
 
 
 def test_scheme_presets_are_served():

@@ -16,9 +16,9 @@ results; the `reference` backend (dequantize once + cuBLAS 16-bit) is the right 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lowbit.kernels import HAS_TRITON
+from lowbit.layers.activation import silu_and_mul
 from lowbit.layers.selection import register
 from lowbit.scheme import QuantScheme
 
@@ -88,8 +88,7 @@ class Fp8TritonBackend:
         lead = gate_up.shape[:-1]
         x2 = gate_up.reshape(-1, gate_up.shape[-1])
         if x2.shape[0] < FUSE_SILU_MIN_M:  # decode: one program per row makes the fused kernel slower there
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self.apply(layer, F.silu(gate) * up, bias)
+            return self.apply(layer, silu_and_mul(gate_up), bias)
         xq, xs = silu_mul_quantize_fp8(x2, scheme.act_granularity, layer.fp8_input_scale, 128, scheme.ue8m0_scales,
                                        column_major_scales=True)
         y = fp8_linear(xq, layer.fp8_weights, scheme.act_granularity, layer.fp8_input_scale, bias=bias,

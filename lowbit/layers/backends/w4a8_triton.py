@@ -14,11 +14,11 @@ W4A8-AWQ with static per-tensor activation scales, DeepSeek W4AFP8, dynamic toke
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lowbit.kernels import HAS_TRITON
 from lowbit.layers.backends import fp8_triton
 from lowbit.layers.backends.fp8_triton import DTYPES, scheme_ok
+from lowbit.layers.activation import silu_and_mul
 from lowbit.layers.selection import register
 
 
@@ -68,28 +68,33 @@ class W4A8TritonBackend:
 
     def apply_silu_mul(self, layer, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """layer(silu(gate) * up), with SiLU-and-mul (and the layer's pre_quant_scale) inside the activation
-        quantization pass where x is quantized by a pass of its own (kernels/w4a8.py w4a8_linear silu_mul): gate | up
-        [..., 2I] read once, the 16-bit product never written. Below FUSE_SILU_MIN_M tokens (decode: the GEMM
-        quantizes in-kernel) the unfused product, as the fp8 backend does."""
-        from lowbit.kernels.w4a8 import w4a8_linear
+        quantization pass (kernels/w4a8.py w4a8_linear silu_mul): gate | up [..., 2I] read once, the 16-bit product
+        never written. Where the GEMM would quantize x itself (decode) or reads 16-bit x (w16), the pass writes x
+        fake-quantized for lowbit's w4a16 GEMM (kernels/w4a8.py producer_fuses_w16); otherwise below FUSE_SILU_MIN_M
+        tokens the unfused product, as the fp8 backend does."""
+        from lowbit.kernels.w4a8 import producer_fuses_w16, w4a8_linear
 
-        if gate_up.reshape(-1, gate_up.shape[-1]).shape[0] < fp8_triton.FUSE_SILU_MIN_M:
-            gate, up = gate_up.chunk(2, dim=-1)
-            return self.apply(layer, F.silu(gate) * up, bias)
         scheme = layer.quant_method.scheme
         smoothing = getattr(layer, "pre_quant_scale", None)
         out_dtype = gate_up.dtype if smoothing is None else torch.promote_types(gate_up.dtype, smoothing.dtype)
+        m = gate_up.reshape(-1, gate_up.shape[-1]).shape[0]
+        out16 = out_dtype == gate_up.dtype and gate_up.dtype in (torch.float16, torch.bfloat16)
+        cand = "w16" if producer_fuses_w16(layer.w4a8_weights, m, scheme.act_granularity, out16) else None
+        if cand is None and m < fp8_triton.FUSE_SILU_MIN_M:
+            return self.apply(layer, silu_and_mul(gate_up), bias)
         return w4a8_linear(gate_up, layer.w4a8_weights, scheme.act_granularity, layer.w4a8_input_scale, bias=bias,
-                           out_dtype=out_dtype, ue8m0=scheme.ue8m0_scales, pre_quant_scale=smoothing, silu_mul=True)
+                           out_dtype=out_dtype, ue8m0=scheme.ue8m0_scales, pre_quant_scale=smoothing, silu_mul=True,
+                           candidate=cand)
 
     def apply_rms_norm(self, layer, x: torch.Tensor, residual: torch.Tensor | None, norm):
         """(layer(norm(x [+ residual])), new residual) with the norm (and the layer's pre_quant_scale) fused into the
         activation quantization (kernels/norm.py): for the w16 candidate the fake-quantized operand, for the others
-        the e4m3 codes and scales they read. None (the caller normalises, then applies the layer) where the decode
-        GEMM quantizes x on its load (fused), for tensor_dynamic, a pre_quant_scale of another dtype, or rows the
-        kernel does not take."""
+        the e4m3 codes and scales they read. 16-bit x at decode sizes also takes w16 (kernels/w4a8.py
+        producer_fuses_w16: the norm pays for the quantization, the GEMM is w4a16's). None (the caller normalises,
+        then applies the layer) where the decode GEMM quantizes 32-bit x on its load (fused), for tensor_dynamic, a
+        pre_quant_scale of another dtype, or rows the kernel does not take."""
         from lowbit.kernels import norm as knorm
-        from lowbit.kernels.w4a8 import pick_candidate, w4a8_linear
+        from lowbit.kernels.w4a8 import pick_candidate, producer_fuses_w16, w4a8_linear
         from lowbit.kernels.w4a16 import w4a16_gemm
 
         scheme = layer.quant_method.scheme
@@ -101,7 +106,8 @@ class W4A8TritonBackend:
             return None
         w = layer.w4a8_weights
         m = x2.shape[0]
-        cand = pick_candidate(w, m, gran, out16=x.dtype in (torch.float16, torch.bfloat16))
+        out16 = x.dtype in (torch.float16, torch.bfloat16)
+        cand = "w16" if producer_fuses_w16(w, m, gran, out16) else pick_candidate(w, m, gran, out16=out16)
         if cand == "fused":
             return None
         r2 = None if residual is None else residual.reshape(x2.shape)
