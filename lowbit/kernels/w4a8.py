@@ -88,6 +88,14 @@ At M <= 16 the weight stream is the same int4 bytes as w4a16's, so w4a8 can tie 
 a launch (fused_pre, w16) or per-tile work (fused). w4a16_us / w4a8 us at M = 1..16 on the four quick shapes (python -m
 bench.kernels w4a8 --quick --ms 1,2,4,8,16, H100, fourth session): token_group 0.85-0.90x (was 0.69-0.90x), static
 0.92-0.97x (was 0.81-0.94x).
+At decode sizes the models now hand w4a8 the same way (ninth session, producer_fuses_w16): where pick_candidate takes
+fused / fused_pre / w16 and x and the output are 16-bit, the norm (qkv_proj, gate_up_proj) or the SiLU-mul (down_proj)
+writes x fake-quantized and the GEMM is w4a16's; only o_proj (x from attention) still quantizes in-kernel. python -m
+bench.kernels.w4a8 decode (H100, 4f20c90, four quick shapes, M = 1..16, bench/results/h100.json w4a8_decode_layers),
+w4a16 layer time / w4a8 layer time, static / token_group: norm + projection 0.92-0.97 / 0.92-0.96 (the quantizing
+norm at M = 1 / 16 2.5-3.6 us, the 16-bit one 2.3-3.0, act_quant), SiLU-mul + down_proj 0.96-1.00 / 0.96-0.99 (both
+one Triton pass, kernels/activation.py for w4a16), o_proj 0.93-0.97 / 0.84-0.93. The kernels alone with the quantization timed in (w4a8_gemm_decode, 14 shapes): token_group
+0.77-0.96, static 0.85-0.99.
 """
 
 from __future__ import annotations
