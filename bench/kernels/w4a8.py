@@ -314,8 +314,8 @@ def decode_layers(out_dir: str | None = None, ms=DECODE_MS, shapes=None, dtype=t
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             r = torch.randn(m, k, device="cuda", dtype=dtype)
             h = torch.randn(m, 2 * k, device="cuda", dtype=dtype)
-            calls = {"norm_linear": lambda lay: norm_linear(norm, lay, x, r), "silu_down": lambda lay: _mlp_down(lay, h),
-                     "linear": lambda lay: lay(x)}
+            calls = {"norm_linear": lambda lay: norm_linear(norm, lay, x, r),
+                     "silu_down": lambda lay: _mlp_down(lay, h), "linear": lambda lay: lay(x)}
             for op in DECODE_OPS:
                 t = Interleaved(budget_rounds)
                 for kind in DECODE_KINDS:

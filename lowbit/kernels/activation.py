@@ -62,5 +62,6 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         block_i = min(BLOCK_I if m >= FEW_ROWS else BLOCK_I // 2, max(16, triton.next_power_of_2(i)))
         block_m = 1 if m < FEW_ROWS else min(max(1, TILE_ELEMS // block_i), triton.next_power_of_2(m))
         silu_mul_kernel[(triton.cdiv(m, block_m), triton.cdiv(i, block_i))](
-            x2, y, m, i, x2.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_I=block_i, num_warps=4 if block_m == 1 else 8)
+            x2, y, m, i, x2.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_I=block_i,
+            num_warps=4 if block_m == 1 else 8)
     return y.reshape(*x.shape[:-1], i)

@@ -45,9 +45,9 @@ from lowbit.kernels.quant_act import FP8, _check as _check_quant, _out, _pqs, _r
 
 MAX_K = 16384  # a row lives in registers; wider rows are normalised by the torch module
 ROW_ELEMS = 8192  # elements per program: short rows are batched so every program keeps 16-byte loads in flight
-FEW_ROWS = 128  # quantizing forms with fewer programs than this run one row per program on 16 / 32 warps (H100, M = 1..16, add +
-# RMSNorm + fake-quantize: K = 4096 3.1 -> 2.2 us on 4 -> 16 warps, K = 7168 3.5 -> 2.7-3.0 us on 8 -> 32; the 16-bit
-# norm alone 1.7-2.1 us, no faster on more warps)
+FEW_ROWS = 128  # quantizing forms with fewer programs than this run one row per program on 16 / 32 warps
+# (H100, M = 1..16, add + RMSNorm + fake-quantize: K = 4096 3.1 -> 2.2 us on 4 -> 16 warps, K = 7168 3.5 -> 2.7-3.0 us
+# on 8 -> 32; the 16-bit norm alone 1.7-2.1 us, no faster on more warps)
 FUSED_GRANULARITIES = ("tensor_static", "token", "token_group")
 _OUT = {None: 0, "tensor_static": 1, "token": 2, "token_group": 3}
 

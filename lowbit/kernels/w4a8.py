@@ -94,8 +94,14 @@ writes x fake-quantized and the GEMM is w4a16's; only o_proj (x from attention) 
 bench.kernels.w4a8 decode (H100, 4f20c90, four quick shapes, M = 1..16, bench/results/h100.json w4a8_decode_layers),
 w4a16 layer time / w4a8 layer time, static / token_group: norm + projection 0.92-0.97 / 0.92-0.96 (the quantizing
 norm at M = 1 / 16 2.5-3.6 us, the 16-bit one 2.3-3.0, act_quant), SiLU-mul + down_proj 0.96-1.00 / 0.96-0.99 (both
-one Triton pass, kernels/activation.py for w4a16), o_proj 0.93-0.97 / 0.84-0.93. The kernels alone with the quantization timed in (w4a8_gemm_decode, 14 shapes): token_group
-0.77-0.96, static 0.85-0.99.
+one Triton pass, kernels/activation.py for w4a16), o_proj 0.93-0.97 / 0.84-0.93. The kernels alone with the
+quantization timed in (w4a8_gemm_decode, 14 shapes): token_group 0.77-0.96, static 0.85-0.99.
+Also not kept (H100, ninth session, a throwaway probe, bf16 x, interleaved with cuBLAS bf16): the int4 -> e4m3 scratch
+in 2 / 4 / 8 N-chunks, a side stream converting chunk i + 1 while cuBLAS (the _scaled_mm_v2.out op into y's column
+slice; outputs bit-equal) multiplies chunk i, as w4a16's dequant overlap: slower on 27 of 28 (shape, M, granularity)
+points of seven shapes at M = 2048 / 8192, e.g. 4096x4096 static M = 2048 73.7 us on one chunk vs 78.8 / 89.6 / 156.3,
+M = 8192 250.4 vs 262.4 / 288.3 / 300.9; the one gain 7168x16384 static M = 8192, 1747 -> 1678 us on 2 chunks. The
+conversion takes SMs and bandwidth from the GEMM beside it, and the narrower GEMMs lose efficiency.
 """
 
 from __future__ import annotations
