@@ -99,7 +99,9 @@ class Fp8TritonBackend:
         """(layer(norm(x [+ residual])), new residual) with the norm fused into the activation quantization
         (kernels/norm.py): x and the residual read once, the normalised 16-bit tensor never written. None (the caller
         normalises, then applies the layer) where the GEMM quantizes x in-kernel (decode), for tensor_dynamic
-        activations, or rows the kernel does not take."""
+        activations, or rows the kernel does not take. (At decode, the quantization in the norm and small_m on the
+        e4m3 x instead measured -4.3 to +1.6 us against the 16-bit norm and small_m's in-kernel quantization, block /
+        per-tensor weights, 13 fp8 sweep shapes at M = 1 / 16, H100, ninth session: not taken.)"""
         from lowbit.kernels import norm as knorm
         from lowbit.kernels.fp8_gemm import fp8_linear, fuses_quant, pick_candidate
 
