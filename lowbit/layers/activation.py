@@ -8,6 +8,7 @@ from torch import nn
 
 from lowbit.kernels import HAS_TRITON
 
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(x[..., :I]) * x[..., I:]: one Triton pass on a GPU (kernels/activation.py), else the torch ops."""
     if HAS_TRITON and x.is_cuda:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import HAS_TRITON
+from lowbit.layers.activation import silu_and_mul
 from lowbit.layers.backends import fp8_triton
 from lowbit.layers.backends.fp8_triton import DTYPES, scheme_ok
-from lowbit.layers.activation import silu_and_mul
 from lowbit.layers.selection import register
 
 
