@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+import torch
+
 from bench.kernels.fp8_tune import longest_run
 from bench.kernels.w4a8 import choose, select_ranges
 
@@ -71,3 +76,17 @@ def test_select_ranges_keep_a_measured_lower_bound():
     assert r[("w16", "256x512", "tensor_static")] == [32, 64]
     assert r[("fused_pre", "256x512", "token_group")] is None
     assert r[("w16", "512x512", "token_group")] is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_layers_bench_runs(tmp_path):
+    """python -m bench.kernels.w4a8 decode on one small shape: every (op, M) row times all three kinds and the
+    results section is written."""
+    from bench.kernels.w4a8 import DECODE_OPS, decode_layers
+
+    rows = decode_layers(str(tmp_path), ms=(1, 4), shapes=[(256, 512)])
+    assert [(r["M"], r["op"]) for r in rows] == [(m, op) for m in (1, 4) for op in DECODE_OPS]
+    for r in rows:
+        assert all(r[k] and r[k] > 0 for k in ("w4a16_us", "static_us", "us")), r
+    assert any(f.endswith(".json") for f in os.listdir(tmp_path))
