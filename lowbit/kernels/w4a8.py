@@ -91,11 +91,12 @@ bench.kernels w4a8 --quick --ms 1,2,4,8,16, H100, fourth session): token_group 0
 At decode sizes the models now hand w4a8 the same way (ninth session, producer_fuses_w16): where pick_candidate takes
 fused / fused_pre / w16 and x and the output are 16-bit, the norm (qkv_proj, gate_up_proj) or the SiLU-mul (down_proj)
 writes x fake-quantized and the GEMM is w4a16's; only o_proj (x from attention) still quantizes in-kernel. python -m
-bench.kernels.w4a8 decode (H100, 4f20c90, four quick shapes, M = 1..16, bench/results/h100.json w4a8_decode_layers),
-w4a16 layer time / w4a8 layer time, static / token_group: norm + projection 0.92-0.97 / 0.92-0.96 (the quantizing
-norm at M = 1 / 16 2.5-3.6 us, the 16-bit one 2.3-3.0, act_quant), SiLU-mul + down_proj 0.96-1.00 / 0.96-0.99 (both
-one Triton pass, kernels/activation.py for w4a16), o_proj 0.93-0.97 / 0.84-0.93. The kernels alone with the
-quantization timed in (w4a8_gemm_decode, 14 shapes): token_group 0.77-0.96, static 0.85-0.99.
+bench.kernels.w4a8 decode (H100, 55d814c, four quick shapes, M = 1..16, bench/results/h100.json w4a8_decode_layers),
+w4a16 layer time / w4a8 layer time, static / token_group: norm + projection 0.93-0.97 / 0.92-0.96 (the quantizing
+norm at M = 1 / 16 2.5-3.6 us, the 16-bit one 2.3-3.0, act_quant), SiLU-mul + down_proj 0.96-1.00 / 0.96-1.00 (both
+one Triton pass, kernels/activation.py for w4a16), o_proj 0.93-0.96 / 0.85-0.92. The kernels alone with the
+quantization timed in (w4a8_gemm_decode, 14 shapes): token_group 0.84-0.96, static 0.89-0.98 (before this session's
+quantization launch shapes and w16 ranges: 0.77-0.96 / 0.85-0.99 at 4f20c90, 0.78-0.94 / 0.85-0.98 at 0efe714).
 Also not kept (H100, ninth session, a throwaway probe, bf16 x, interleaved with cuBLAS bf16): the int4 -> e4m3 scratch
 in 2 / 4 / 8 N-chunks, a side stream converting chunk i + 1 while cuBLAS (the _scaled_mm_v2.out op into y's column
 slice; outputs bit-equal) multiplies chunk i, as w4a16's dequant overlap: slower on 27 of 28 (shape, M, granularity)
