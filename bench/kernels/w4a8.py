@@ -277,7 +277,6 @@ def select(out_dir: str | None = None, ms=SELECT_MS, shapes=None) -> dict:
     return choice
 
 
-
 # ---- decode layers: what a model runs at M = 1..16, w4a8 against w4a16 on the same int4 weights --------------------
 
 DECODE_MS = (1, 2, 4, 8, 16)

@@ -15,9 +15,10 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Distance in units of the last place of a's dtype (same-sign values; 0 where equal)."""
+    """Distance in units of the last place of a's dtype (0 where equal, +0 and -0 alike; values of opposite signs
+    come out huge)."""
     bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
-    return (a.view(bits).to(torch.int64) - b.view(bits).to(torch.int64)).abs()
+    return (a.view(bits).to(torch.int64) - b.view(bits).to(torch.int64)).abs().masked_fill((a == 0) & (b == 0), 0)
 
 
 def _check(x):
@@ -25,8 +26,6 @@ def _check(x):
     want = F.silu(x[..., :i]) * x[..., i:]
     got = silu_mul(x)
     assert got.shape == want.shape and got.dtype == x.dtype
-    same_sign = torch.sign(got) == torch.sign(want)
-    assert same_sign.all() or torch.equal(got[~same_sign].abs(), want[~same_sign].abs())
     ulps = _ulps(got, want)
     wide = x.dtype == torch.float32
     assert ulps.max().item() <= (4 if wide else 2), ulps.max()
@@ -41,8 +40,8 @@ def test_silu_mul_matches_torch(dtype, shape):
 
 
 def test_silu_mul_strided_rows_and_module():
-    """Rows with a stride (a slice of a wider buffer) read in place; GatedAct('silu') gives the same values as the
-    kernel on the device (the kernel) and as the torch ops off it."""
+    """Rows with a stride (a slice of a wider buffer) read in place; GatedAct('silu') runs the kernel on a GPU and the
+    torch ops on the CPU."""
     buf = (torch.randn(4, 2 * 200 + 40, generator=torch.Generator().manual_seed(1)) * 3).to(torch.float16).to(DEV)
     x = buf[:, : 2 * 200]
     _check(x)
