@@ -88,7 +88,7 @@ At M <= 16 the weight stream is the same int4 bytes as w4a16's, so w4a8 can tie 
 a launch (fused_pre, w16) or per-tile work (fused). w4a16_us / w4a8 us at M = 1..16 on the four quick shapes (python -m
 bench.kernels w4a8 --quick --ms 1,2,4,8,16, H100, fourth session): token_group 0.85-0.90x (was 0.69-0.90x), static
 0.92-0.97x (was 0.81-0.94x).
-At decode sizes the models now hand w4a8 the same way (ninth session, producer_fuses_w16): where pick_candidate takes
+At decode sizes the models now hand w4a8 the same way (ninth session, producer_candidate): where pick_candidate takes
 fused / fused_pre / w16 and x and the output are 16-bit, the norm (qkv_proj, gate_up_proj) or the SiLU-mul (down_proj)
 writes x fake-quantized and the GEMM is w4a16's; only o_proj (x from attention) still quantizes in-kernel. python -m
 bench.kernels.w4a8 decode (H100, 55d814c, four quick shapes, M = 1..16, bench/results/h100.json w4a8_decode_layers),
@@ -278,12 +278,13 @@ def prequantized_candidate(w: W4A8Weights, m: int, act: str) -> str:
     return "dequant_cublas" if cublas_ok(w, m) else "dequant"
 
 
-def producer_fuses_w16(w: W4A8Weights, m: int, act: str, out16: bool) -> bool:
-    """Whether a producer that can write x fake-quantized (the norm / SiLU-mul kernels with fake=True) should do so
-    and hand the GEMM to w4a16 (the w16 candidate) instead of quantizing x itself: where pick_candidate takes w16,
-    and at decode sizes, where its picks (fused, fused_pre) exist only to save the quantization a pass of its own --
-    with that pass fused into the producer the GEMM is w4a16's on the same int4 bytes (16-bit x and output only)."""
-    return out16 and pick_candidate(w, m, act, out16) in ("w16", "fused", "fused_pre")
+def producer_candidate(w: W4A8Weights, m: int, act: str, out16: bool) -> str:
+    """pick_candidate's pick for x whose producer (the norm / SiLU-mul kernels) can write it quantized or
+    fake-quantized: w16 in place of the decode picks fused / fused_pre, which exist only to save the quantization a
+    pass of its own -- with that pass fused into the producer the GEMM is w4a16's on the same int4 bytes (16-bit x
+    and output only)."""
+    cand = pick_candidate(w, m, act, out16)
+    return "w16" if out16 and cand in ("fused", "fused_pre") else cand
 
 
 def _linear_prequantized(xq, w: W4A8Weights, act: str, xs, bias, out_dtype, candidate) -> torch.Tensor:

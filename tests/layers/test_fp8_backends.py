@@ -164,7 +164,7 @@ def _norm_linear_cases(backend):
     """(label, patches, expected) per path apply_rms_norm can take: patches force the GEMM candidate the backend
     sees; expected, the candidate the layer's own path must take to give the same output (for w4a8's decode picks,
     fused and fused_pre, 16-bit x goes to w16: the norm writes the fake-quantized operand, kernels/w4a8.py
-    producer_fuses_w16)."""
+    producer_candidate)."""
     if backend == "triton_fp8":
         return [("quantize first", {"lowbit.kernels.fp8_gemm.fuses_quant": lambda *a: False}, None)]
     return [(c, {"lowbit.kernels.w4a8.pick_candidate": lambda *a, c=c, **k: c},

@@ -70,17 +70,17 @@ class W4A8TritonBackend:
         """layer(silu(gate) * up), with SiLU-and-mul (and the layer's pre_quant_scale) inside the activation
         quantization pass (kernels/w4a8.py w4a8_linear silu_mul): gate | up [..., 2I] read once, the 16-bit product
         never written. Where the GEMM would quantize x itself (decode) or reads 16-bit x (w16), the pass writes x
-        fake-quantized for lowbit's w4a16 GEMM (kernels/w4a8.py producer_fuses_w16); otherwise below FUSE_SILU_MIN_M
+        fake-quantized for lowbit's w4a16 GEMM (kernels/w4a8.py producer_candidate); otherwise below FUSE_SILU_MIN_M
         tokens the unfused product, as the fp8 backend does."""
-        from lowbit.kernels.w4a8 import producer_fuses_w16, w4a8_linear
+        from lowbit.kernels.w4a8 import producer_candidate, w4a8_linear
 
         scheme = layer.quant_method.scheme
         smoothing = getattr(layer, "pre_quant_scale", None)
         out_dtype = gate_up.dtype if smoothing is None else torch.promote_types(gate_up.dtype, smoothing.dtype)
-        m = gate_up.reshape(-1, gate_up.shape[-1]).shape[0]
+        m = gate_up.numel() // gate_up.shape[-1]
         out16 = out_dtype == gate_up.dtype and gate_up.dtype in (torch.float16, torch.bfloat16)
-        cand = "w16" if producer_fuses_w16(layer.w4a8_weights, m, scheme.act_granularity, out16) else None
-        if cand is None and m < fp8_triton.FUSE_SILU_MIN_M:
+        cand = producer_candidate(layer.w4a8_weights, m, scheme.act_granularity, out16)  # passed on: no second pick
+        if cand != "w16" and m < fp8_triton.FUSE_SILU_MIN_M:
             return self.apply(layer, silu_and_mul(gate_up), bias)
         return w4a8_linear(gate_up, layer.w4a8_weights, scheme.act_granularity, layer.w4a8_input_scale, bias=bias,
                            out_dtype=out_dtype, ue8m0=scheme.ue8m0_scales, pre_quant_scale=smoothing, silu_mul=True,
@@ -90,11 +90,11 @@ class W4A8TritonBackend:
         """(layer(norm(x [+ residual])), new residual) with the norm (and the layer's pre_quant_scale) fused into the
         activation quantization (kernels/norm.py): for the w16 candidate the fake-quantized operand, for the others
         the e4m3 codes and scales they read. 16-bit x at decode sizes also takes w16 (kernels/w4a8.py
-        producer_fuses_w16: the norm pays for the quantization, the GEMM is w4a16's). None (the caller normalises,
+        producer_candidate: the norm pays for the quantization, the GEMM is w4a16's). None (the caller normalises,
         then applies the layer) where the decode GEMM quantizes 32-bit x on its load (fused), for tensor_dynamic, a
         pre_quant_scale of another dtype, or rows the kernel does not take."""
         from lowbit.kernels import norm as knorm
-        from lowbit.kernels.w4a8 import pick_candidate, producer_fuses_w16, w4a8_linear
+        from lowbit.kernels.w4a8 import producer_candidate, w4a8_linear
         from lowbit.kernels.w4a16 import w4a16_gemm
 
         scheme = layer.quant_method.scheme
@@ -107,7 +107,7 @@ class W4A8TritonBackend:
         w = layer.w4a8_weights
         m = x2.shape[0]
         out16 = x.dtype in (torch.float16, torch.bfloat16)
-        cand = "w16" if producer_fuses_w16(w, m, gran, out16) else pick_candidate(w, m, gran, out16=out16)
+        cand = producer_candidate(w, m, gran, out16)
         if cand == "fused":
             return None
         r2 = None if residual is None else residual.reshape(x2.shape)
