@@ -55,7 +55,13 @@ _IN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # launch shapes as data: elements per program ~ 8K keeps 16-byte loads in flight on every SM
 ROWS_MAX_SINGLE_K = 16384  # up to this K a token row is read once (amax and quantize from registers)
-ROWS_BLOCK_K_LOOP = 4096  # beyond it: two passes over BLOCK_K chunks (the second mostly hits L2)
+ROWS_BLOCK_K_LOOP = 4096  # beyond it: two passes over BLOCK_K chunks (the second mostly hits L2) ...
+ROWS_TWO_TILES_MAX_K = 32768  # ... except SiLU-mul token rows up to this K: two register tiles (16384 + the rest)
+ROWS_TWO_TILES_WARPS = 32  # (H100, SiLU-mul + token quantize, bf16, M = 8192: I = 18432 475 -> 421 us, 25600 694 ->
+# 606, 28672 705 -> 586; M = 512, I = 18432 39.6 -> 29.7 us; the same with 16 warps 420-730 us. Plain token
+# quantize gained at some K and lost at others (18432: 175 us two passes, 158-252 on two tiles), so it keeps the loop.
+# Not kept: persistent programs, 1-4 per SM, walking whole rows with both passes, so that the rows in flight stay in
+# the L2: 508-1427 us at M = 8192, I = 18432)
 ROWS_SPLIT_BELOW = 64  # tensor_static / tensor_dynamic with fewer row programs than this (decode): the rows are ...
 ROWS_SPLIT_BLOCK_K = 512  # ... cut into K tiles of this many columns, one program each (H100, SiLU-mul + static
 # quantize at M = 1, I = 18432: 10.4 us on one program per row)
@@ -185,6 +191,7 @@ def quant_fp8_rows_kernel(
     MODE: tl.constexpr,  # 0 static scale, 1 tensor_dynamic (scale from the global amax), 2 token
     SILU: tl.constexpr, SINGLE: tl.constexpr, SOFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr = False, PQS: tl.constexpr = False,
+    BLOCK_K2: tl.constexpr = 0,  # SINGLE: a second tile, columns [BLOCK_K, BLOCK_K + BLOCK_K2), for rows > BLOCK_K
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -202,11 +209,23 @@ def quant_fp8_rows_kernel(
     if SINGLE:  # the whole row (or, split, a K tile of it) in registers: one read
         mask = mask_m[:, None] & (offs_k[None, :] < K)
         h = _load_act(x_rows + offs_k[None, :] * stride_xk, mask, half, SILU, pqs_ptr + offs_k[None, :], PQS)
+        if BLOCK_K2 > 0:  # both tiles held in x's dtype (h is rounded to it already: exact), half the registers
+            h = h.to(x_ptr.dtype.element_ty)
+            offs_k2 = BLOCK_K + tl.arange(0, BLOCK_K2)
+            mask2 = mask_m[:, None] & (offs_k2[None, :] < K)
+            h2 = _load_act(x_rows + offs_k2[None, :] * stride_xk, mask2, half, SILU, pqs_ptr + offs_k2[None, :],
+                           PQS).to(x_ptr.dtype.element_ty)
         if MODE == 2:
-            s = fp8_scale(tl.max(tl.abs(h), axis=1), False)  # [BLOCK_M]
+            amax = tl.max(tl.abs(h.to(tl.float32)), axis=1)
+            if BLOCK_K2 > 0:
+                amax = tl.maximum(amax, tl.max(tl.abs(h2.to(tl.float32)), axis=1))
+            s = fp8_scale(amax, False)  # [BLOCK_M]
             tl.store(s_ptr + offs_m * stride_sm, s, mask=mask_m)
-        q = quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT)
+        q = quantize_tile(tl.where(mask, h.to(tl.float32), 1.0), s[:, None], SOFT)
         tl.store(y_rows + offs_k[None, :], _out(q, s[:, None], y_ptr, DEQ, SOFT), mask=mask)
+        if BLOCK_K2 > 0:
+            q2 = quantize_tile(tl.where(mask2, h2.to(tl.float32), 1.0), s[:, None], SOFT)
+            tl.store(y_rows + offs_k2[None, :], _out(q2, s[:, None], y_ptr, DEQ, SOFT), mask=mask2)
     else:
         if MODE == 2:  # pass 1: amax of each row
             amax = tl.zeros([BLOCK_M], tl.float32)
@@ -311,6 +330,10 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
     block_k = max(16, triton.next_power_of_2(k)) if single else ROWS_BLOCK_K_LOOP
     block_m = max(1, 2048 // block_k)
     num_warps = max(4, min(16, block_k // 512))
+    block_k2 = 0
+    if silu and granularity == "token" and ROWS_MAX_SINGLE_K < k <= ROWS_TWO_TILES_MAX_K:  # two register tiles
+        single, block_k, block_m, num_warps = True, ROWS_MAX_SINGLE_K, 1, ROWS_TWO_TILES_WARPS
+        block_k2 = triton.next_power_of_2(k - ROWS_MAX_SINGLE_K)
     k_split = granularity != "token" and triton.cdiv(m, block_m) < ROWS_SPLIT_BELOW and k > ROWS_SPLIT_BLOCK_K
     if k_split:  # elementwise once the scale is known: few rows spread over the SMs in K tiles
         single, block_k, block_m, num_warps = True, ROWS_SPLIT_BLOCK_K, 1, 4
@@ -337,7 +360,7 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
     quant_fp8_rows_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k) if k_split else 1)](
         x, y, s_out, amax if amax is not None else s_out, pqs_arg, m, k, x.stride(0), x.stride(1), y.stride(0),
         s_out.stride(0) if mode == 2 else 0, MODE=mode, SILU=silu, SINGLE=single, SOFT=soft,
-        BLOCK_M=block_m, BLOCK_K=block_k, DEQ=deq, PQS=pqs is not None, num_warps=num_warps)
+        BLOCK_M=block_m, BLOCK_K=block_k, DEQ=deq, PQS=pqs is not None, BLOCK_K2=block_k2, num_warps=num_warps)
     return y, s_out
 
 

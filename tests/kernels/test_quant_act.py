@@ -97,10 +97,35 @@ def test_fake_quantize(gran, dtype):
 
 
 @pytest.mark.parametrize("gran", ["token", "token_group"])
-def test_quantize_m1_and_two_pass_rows(gran):
+def test_quantize_m1(gran):
     _check_exact(_data(1, 576, torch.float16), gran)
-    if gran == "token":
-        _check_exact(_data(2, 16500, torch.float16), gran)  # K over the single-pass limit: two passes
+
+
+def test_token_rows_wider_than_one_tile(monkeypatch):
+    """Token rows wider than ROWS_MAX_SINGLE_K: two passes over K chunks (the reference's codes and scales), and for
+    SiLU-mul two register tiles (one read of x) up to ROWS_TWO_TILES_MAX_K. With SiLU-mul and pre_quant_scale the two
+    launch forms agree bit for bit (codes, scales and fake-quantized values) and stay within one code of torch."""
+    from lowbit.kernels import quant_act
+
+    k = quant_act.ROWS_MAX_SINGLE_K + 300  # the second tile partly masked
+    x = _data(2, k, torch.float16)
+    x[:, k - 7] = 300.0  # each row's amax in the second tile
+    gu = torch.randn(2, 2 * k, generator=torch.Generator().manual_seed(3)).to(torch.float16).to(DEV) * 3
+    gu[:, k - 7] = gu[:, 2 * k - 7] = 30.0
+    pqs = _pqs(k, torch.float16)
+    out = {}
+    for two_tiles in (True, False):
+        monkeypatch.setattr(quant_act, "ROWS_TWO_TILES_MAX_K", 2 * quant_act.ROWS_MAX_SINGLE_K if two_tiles else 0)
+        _check_exact(x, "token")
+        q, s = silu_mul_quantize_fp8(gu, "token", pre_quant_scale=pqs)
+        fake = fake_quantize_act_fp8(gu, "token", silu_mul=True, pre_quant_scale=pqs)
+        out[two_tiles] = q, s, fake
+    (q, s, fake), (q2, s2, fake2) = out[True], out[False]
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2) and torch.equal(fake, fake2)
+    assert torch.equal(fake, (q.float() * s).to(torch.float16))
+    qr, sr = quantize_fp8_ref((F.silu(gu[:, :k]) * gu[:, k:]) * pqs, "token")
+    torch.testing.assert_close(s, sr, rtol=2e-2, atol=0)
+    assert (_codes(q) - _codes(qr)).abs().max().item() <= 1
 
 
 def test_quantize_ue8m0_and_column_major_scales():
