@@ -26,7 +26,9 @@ then per "NxK" shape under that granularity; measured by bench/kernels/fp8.py):
 | cublas_block | F.scaled_mm BlockWise1x128 x BlockWise128x128      | 128x128 blocks aligned to the fused rows, token_group 128, M >= 16, K % 512 == 0 |
 cublas_block may run as several cuBLAS calls on side streams (fork/join, captured by CUDA graphs as branches), per
 shape and M from fp8_select.json: split_k (K pieces into fp32 partials, summed: few output tiles at small M) and
-split_n (the rows past the last whole 128 beside the main call: 2112 = 16.5 x 128 rows leave a third wave at M = 2048);
+split_n (the rows past the last whole 128 beside the main call: 2112 = 16.5 x 128 rows leave a third wave at M = 2048;
+those < 128 rows always in the rows form below, in which cuBLAS took half the time: 2112x7168 M = 2048 60.0 vs 68.1 us,
+H100, the 2048 whole-block rows alone 48.1, per-tensor fp8 on all 2112 rows 48.2);
 and rows: the same math as BlockWise1x128 x BlockWise1x128, each 128x128 block scale repeated on its 128 weight rows
 ([N, K/128] column-major, made once per weight), which cuBLAS runs with other kernels (H100, 2112x7168 at M = 2048:
 61.4 vs 70.8 us; slower on 4096x7168 and 7168x16384), so it is chosen per shape and M range by measurement.
@@ -175,9 +177,9 @@ def fp8_repack(weight: torch.Tensor, weight_scale: torch.Tensor, granularity: st
         # cuBLAS indexes the grid by (n // 128): true when every shard but the last is whole 128-row blocks
         w.cublas_grid = bn == 128 and all(s % 128 == 0 for s in shard_sizes[:-1])
         if w.cublas_grid and k % 512 == 0:  # the scale slices of every configured call form, made once here
-            buckets, _, rows_m, rows_n_m = _split_table(n, k)
+            buckets, split_n_min_m, rows_m, rows_n_m = _split_table(n, k)
             parts_all = {1, *(p for _, p in buckets)}
-            forms = {(p, False, False) for p in parts_all}
+            forms = {(p, False, False) for p in parts_all} | ({(1, True, False)} if split_n_min_m < 1 << 62 else set())
             forms |= {(p, split_n, True) for rng, split_n in ((rows_m, False), (rows_n_m, True)) if rng[0] <= rng[1]
                       for p in parts_all}
             forms |= {c for _, c in _calls_table(n, k)}
@@ -190,11 +192,14 @@ def _call_scales(w: Fp8Weights, split_k: int, split_n: bool, rows: bool) -> None
     """Makes (and keeps) the weight-scale slices _cublas_block reads in this call form."""
     chunks = _k_chunks(w.k, split_k)
     for k0, k1 in chunks:
+        pieces = _n_pieces(w.n, split_n) if len(chunks) == 1 else [(0, w.n)]
         if rows:
-            for n0, n1 in (_n_pieces(w.n, split_n) if len(chunks) == 1 else [(0, w.n)]):
+            for n0, n1 in pieces:
                 _rows_scales(w, n0, n1, k0, k1)
         elif len(chunks) > 1:
             _grid_chunk(w, k0, k1)
+        elif len(pieces) > 1:  # the remainder rows take the rows form either way (_cublas_block)
+            _rows_scales(w, *pieces[1], k0, k1)
 
 
 def _cublas_ok(w: Fp8Weights, act: str, m: int, out_dtype) -> bool:
@@ -525,8 +530,8 @@ def _cublas_block(xq, xs, w: Fp8Weights, bias, out_dtype, split_k: int = 1, spli
         y = torch.empty((m, w.n), dtype=out_dtype, device=dev)
         (n0, n1), (n2, n3) = pieces
         _block_mm(xq, xs, w.weight[n0:n1], scales(n0, n1, 0, w.k), out_dtype, out=y[:, n0:n1], rows=rows)
-        with torch.cuda.stream(side[-1]):
-            _block_mm(xq, xs, w.weight[n2:n3], scales(n2, n3, 0, w.k), out_dtype, out=y[:, n2:n3], rows=rows)
+        with torch.cuda.stream(side[-1]):  # fewer than 128 rows: the rows form (in the 128x128 one cuBLAS took 2x)
+            _block_mm(xq, xs, w.weight[n2:n3], _rows_scales(w, n2, n3, 0, w.k), out_dtype, out=y[:, n2:n3], rows=True)
     for st in side:
         main.wait_stream(st)
     if len(chunks) > 1:

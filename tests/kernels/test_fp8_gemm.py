@@ -264,6 +264,28 @@ def test_cublas_block_rows_config_range(monkeypatch):
         fp8_gemm._calls_table.cache_clear()
 
 
+def test_split_n_remainder_scales_made_at_load(monkeypatch):
+    """split_n runs the rows past the last whole 128 in the rows form whatever the main call's form, so a weight whose
+    shape has a split_n range gets that piece's rows scales at load (inside a CUDA graph capture they would be made,
+    uncached, on every replay): each block scale on each of its rows."""
+    cfg = {"block": {"shapes": {"200x512": {"cublas_block_split_n_min_m": 1025}, "192x512": {}}}}
+    monkeypatch.setattr(fp8_gemm, "load_config", lambda name: cfg if name == "fp8_select" else {})
+    fp8_gemm._split_table.cache_clear()
+    fp8_gemm._calls_table.cache_clear()
+    try:
+        w, s = _weights(200, 512, "block", [200])
+        W = fp8_repack(w, s, "block", [200], BLOCK)
+        assert set(W.rows_scales) == {(128, 200, 0, 512)}
+        rs = W.rows_scales[(128, 200, 0, 512)]
+        assert rs.shape == (72, 4) and rs.stride() == (1, 72)
+        assert torch.equal(rs, s[1:2].expand(72, 4))
+        assert cublas_block_split(W, 1024) == (1, False, False) and cublas_block_split(W, 1025) == (1, True, False)
+        assert not fp8_repack(*_weights(192, 512, "block", [192]), "block", [192], BLOCK).rows_scales
+    finally:
+        fp8_gemm._split_table.cache_clear()
+        fp8_gemm._calls_table.cache_clear()
+
+
 def test_cublas_block_calls_table(monkeypatch):
     """cublas_block_calls buckets (smallest max M >= M) decide the whole call form up to their largest M; past it the
     split_k / rows tables apply; the scale slices of every configured form are made at load; a malformed entry is
