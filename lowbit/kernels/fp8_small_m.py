@@ -24,6 +24,14 @@ through a TMA descriptor (host TensorDescriptor, block [BLOCK_N, 128]) on the ta
 rows, 0.5-2x the splits, 3 / 4 / 6 stages): the best of them from 2% faster (32768x512) to 4% slower (2112x7168) than
 these pointer loads, one run (4096x7168 M = 1: 16.6 vs 16.1 us), while a bare TMA read of the same bytes reached 64-95%
 of copy (13.3 us there).
+Where the M <= 16 time goes (H100, tenth session, M = 1, best of 9 launch shapes per mode, CUDA-graph replay,
+bench/results/h100.json fp8_decode_modes): cuBLAS tensor-wise fp8 on e4m3 x runs one kernel without a split-K pass
+(nvjet_sm90_qqtst_64x8_128x16_4x1, the same on all six shapes probed). This kernel in its plainest mode (e4m3 x, one
+scale per tensor and per weight row) ties it where one split fills the GPU and trails by 1.2 us on 4096x7168 (14.07 vs
+12.86 us; 7168x2048 7.98 vs 8.04, 6144x4096 12.29 vs 12.30, 10240x5120 21.03 vs 20.76), on 5 stages, one split.
+Block-wise scales add 0.5-0.9 us, pre-quantized token-group x another 0.0-0.3, and quantizing x in-kernel
+(A_MODE 3, what the selection runs up to fused_quant_max) another 0.2-1.5: 15.14 / 23.71 / 10.01 / 13.63 us on those
+shapes, 65 / 74 / 49 / 62% of HBM. Even the plain mode stays under 70% on the 15-29 MB weights.
 Every K-block's MMA result is added to the fp32 accumulator separately (sm90 fp8 MMAs keep ~14 bits while
 accumulating, fp8_block.py). In-kernel quantization multiplies by 1 / scale (quant_act.quantize_tile_rcp),
 so a code can differ from quantize_fp8 by one e4m3 step where x / s is within an fp32 ulp of a tie; the GEMM
