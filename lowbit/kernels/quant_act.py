@@ -333,7 +333,7 @@ def _quantize(x, k, granularity, scale, group_size, ue8m0, column_major_scales, 
     block_k2 = 0
     if silu and granularity == "token" and ROWS_MAX_SINGLE_K < k <= ROWS_TWO_TILES_MAX_K:  # two register tiles
         single, block_k, block_m, num_warps = True, ROWS_MAX_SINGLE_K, 1, ROWS_TWO_TILES_WARPS
-        block_k2 = triton.next_power_of_2(k - ROWS_MAX_SINGLE_K)
+        block_k2 = max(16, triton.next_power_of_2(k - ROWS_MAX_SINGLE_K))
     k_split = granularity != "token" and triton.cdiv(m, block_m) < ROWS_SPLIT_BELOW and k > ROWS_SPLIT_BLOCK_K
     if k_split:  # elementwise once the scale is known: few rows spread over the SMs in K tiles
         single, block_k, block_m, num_warps = True, ROWS_SPLIT_BLOCK_K, 1, 4

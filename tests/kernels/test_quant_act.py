@@ -101,17 +101,18 @@ def test_quantize_m1(gran):
     _check_exact(_data(1, 576, torch.float16), gran)
 
 
-def test_token_rows_wider_than_one_tile(monkeypatch):
+@pytest.mark.parametrize("extra", [1, 300])
+def test_token_rows_wider_than_one_tile(monkeypatch, extra):
     """Token rows wider than ROWS_MAX_SINGLE_K: two passes over K chunks (the reference's codes and scales), and for
     SiLU-mul two register tiles (one read of x) up to ROWS_TWO_TILES_MAX_K. With SiLU-mul and pre_quant_scale the two
     launch forms agree bit for bit (codes, scales and fake-quantized values) and stay within one code of torch."""
     from lowbit.kernels import quant_act
 
-    k = quant_act.ROWS_MAX_SINGLE_K + 300  # the second tile partly masked
+    k = quant_act.ROWS_MAX_SINGLE_K + extra  # the second tile partly masked
     x = _data(2, k, torch.float16)
-    x[:, k - 7] = 300.0  # each row's amax in the second tile
+    x[:, k - 1] = 300.0  # each row's amax in the second tile
     gu = torch.randn(2, 2 * k, generator=torch.Generator().manual_seed(3)).to(torch.float16).to(DEV) * 3
-    gu[:, k - 7] = gu[:, 2 * k - 7] = 30.0
+    gu[:, k - 1] = gu[:, 2 * k - 1] = 30.0
     pqs = _pqs(k, torch.float16)
     out = {}
     for two_tiles in (True, False):
