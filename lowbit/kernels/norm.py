@@ -45,9 +45,15 @@ from lowbit.kernels.quant_act import FP8, _check as _check_quant, _out, _pqs, _r
 
 MAX_K = 16384  # a row lives in registers; wider rows are normalised by the torch module
 ROW_ELEMS = 8192  # elements per program: short rows are batched so every program keeps 16-byte loads in flight
-FEW_ROWS = 128  # quantizing forms with fewer programs than this run one row per program on 16 / 32 warps
-# (H100, M = 1..16, add + RMSNorm + fake-quantize: K = 4096 3.1 -> 2.2 us on 4 -> 16 warps, K = 7168 3.5 -> 2.7-3.0 us
-# on 8 -> 32; the 16-bit norm alone 1.7-2.1 us, no faster on more warps)
+FEW_ROWS = 128  # every form with fewer programs than this runs one row per program on 16 / 32 warps (H100, M = 1..16,
+# add + RMSNorm + fake-quantize: K = 4096 3.1 -> 2.2 us on 4 -> 16 warps, K = 7168 3.5 -> 2.7-3.0 us on 8 -> 32; the
+# 16-bit norm alone 1.7-2.1 us, no faster on more warps), or, up to SPLIT_MAX_M rows, in column slices (H100, bf16,
+# add + RMSNorm at M = 1 / 16, us, one row per program -> slices: K = 7168 plain 2.10 -> 2.08 / 2.44 -> 2.38, fake-
+# quantized tensor_static 2.72 -> 2.40 / 3.02 -> 2.80, token_group 2.97 -> 2.53 / 3.23 -> 2.96; K = 4096 1.83 -> 1.73 /
+# 2.34 -> 2.04, 2.31 -> 2.02 / 2.52 -> 2.33, 2.46 -> 2.15 / 2.62 -> 2.44; at M = 64 slices were 0.1-0.9 us slower)
+SPLIT_MAX_M = 16  # up to this many rows each row's columns go to programs of SPLIT_COLS (a multiple of the group) ...
+SPLIT_COLS = 1024  # ... on SPLIT_WARPS warps; every program sums the squares of the whole row (and, for token, takes
+SPLIT_WARPS = 8  # the amax of its whole h) itself, and quantizes only its slice
 FUSED_GRANULARITIES = ("tensor_static", "token", "token_group")
 _OUT = {None: 0, "tensor_static": 1, "token": 2, "token_group": 3}
 
@@ -59,6 +65,7 @@ def rms_norm_kernel(
     RESID: tl.constexpr, PQS: tl.constexpr, OUT: tl.constexpr,  # OUT 0 h, 1 tensor_static, 2 token, 3 token_group
     DEQ: tl.constexpr, G: tl.constexpr, UE8M0: tl.constexpr, SOFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    COLS: tl.constexpr = 0,  # > 0: program (i, j) writes only columns [j * COLS, (j + 1) * COLS) of its rows
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -69,34 +76,56 @@ def rms_norm_kernel(
     x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     if RESID:
         x = _rounded(x + tl.load(r_ptr + rows * stride_rm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32), DT)
-        tl.store(ro_ptr + rows * stride_om + offs_k[None, :], x.to(DT), mask=mask)
+        if COLS == 0:
+            tl.store(ro_ptr + rows * stride_om + offs_k[None, :], x.to(DT), mask=mask)
     inv = tl.math.rsqrt(tl.sum(x * x, axis=1) / K + eps)  # [BLOCK_M]
-    h = _rounded(x * inv[:, None], DT)
-    h = _rounded(h * tl.load(w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :], DT)
-    if PQS:
-        h = _rounded(h * tl.load(pqs_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :], DT)
+    if COLS > 0:  # the whole row gave the sum of squares; the rest is this program's column slice (reloaded: L1/L2)
+        if OUT == 2:  # the token scale: the amax of the whole row's h
+            row_amax = tl.max(tl.abs(_h(x, inv, w_ptr, pqs_ptr, offs_k, K, PQS, DT)), axis=1)
+        offs_k = tl.program_id(1) * COLS + tl.arange(0, COLS)
+        mask = mask_m[:, None] & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if RESID:
+            x = _rounded(x + tl.load(r_ptr + rows * stride_rm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32),
+                         DT)
+            tl.store(ro_ptr + rows * stride_om + offs_k[None, :], x.to(DT), mask=mask)
+    h = _h(x, inv, w_ptr, pqs_ptr, offs_k, K, PQS, DT)
     y_ptrs = y_ptr + rows * stride_ym + offs_k[None, :]
     if OUT == 0:
         tl.store(y_ptrs, h.to(DT), mask=mask)
     elif OUT == 3:
-        NG: tl.constexpr = BLOCK_K // G
+        BLOCK_W: tl.constexpr = COLS if COLS > 0 else BLOCK_K  # (COLS a multiple of G)
+        NG: tl.constexpr = BLOCK_W // G
         h3 = tl.reshape(h, (BLOCK_M, NG, G))
         s = fp8_scale(tl.max(tl.abs(h3), axis=2), UE8M0)  # [BLOCK_M, NG]
-        offs_g = tl.arange(0, NG)
+        offs_g = tl.program_id(1) * (BLOCK_W // G) + tl.arange(0, NG)
         tl.store(s_ptr + offs_m[:, None] * stride_sm + offs_g[None, :] * stride_sg, s,
                  mask=mask_m[:, None] & (offs_g[None, :] * G < K))
         m3 = tl.reshape(mask, (BLOCK_M, NG, G))
         q = quantize_tile(tl.where(m3, h3, 1.0), s[:, :, None], SOFT)
-        out = tl.reshape(_out(q, s[:, :, None], y_ptr, DEQ, SOFT), (BLOCK_M, BLOCK_K))
+        out = tl.reshape(_out(q, s[:, :, None], y_ptr, DEQ, SOFT), (BLOCK_M, BLOCK_W))
         tl.store(y_ptrs, out, mask=mask)
     else:
         if OUT == 1:
             s = tl.load(s_ptr) + tl.zeros([BLOCK_M], tl.float32)
         else:
-            s = fp8_scale(tl.max(tl.abs(h), axis=1), False)
-            tl.store(s_ptr + offs_m * stride_sm, s, mask=mask_m)
+            if COLS > 0:
+                s = fp8_scale(row_amax, False)
+            else:
+                s = fp8_scale(tl.max(tl.abs(h), axis=1), False)
+            tl.store(s_ptr + offs_m * stride_sm, s, mask=mask_m & (tl.program_id(1) == 0))
         q = quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT)
         tl.store(y_ptrs, _out(q, s[:, None], y_ptr, DEQ, SOFT), mask=mask)
+
+
+@triton.jit
+def _h(x, inv, w_ptr, pqs_ptr, offs_k, K, PQS: tl.constexpr, DT: tl.constexpr):
+    """The normalised row(s): DT(DT(x * inv) * weight) [* pre_quant_scale, rounded], fp32 values."""
+    h = _rounded(x * inv[:, None], DT)
+    h = _rounded(h * tl.load(w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :], DT)
+    if PQS:
+        h = _rounded(h * tl.load(pqs_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :], DT)
+    return h
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -134,16 +163,21 @@ def _launch(x, weight, eps, residual, pqs, y, s, out, deq=False, group_size=128,
     block_k = max(16, triton.next_power_of_2(k), group_size if out == 3 else 16)
     block_m = min(max(1, ROW_ELEMS // block_k), triton.next_power_of_2(m))
     num_warps = max(4, min(16, block_m * block_k // 1024))
-    if out and triton.cdiv(m, block_m) < FEW_ROWS:  # decode: the quantization's latency is on each row's path
+    cols = 0
+    # decode: one row per program, the same launch for every form (plain included), so that each form sums the squares
+    # in the same order and the quantizing forms quantize the very h that rms_norm returns
+    if triton.cdiv(m, block_m) < FEW_ROWS:
         block_m, num_warps = 1, 16 if block_k <= 4096 else 32
+        if m <= SPLIT_MAX_M and k > SPLIT_COLS:
+            cols, num_warps = max(SPLIT_COLS, group_size), SPLIT_WARPS
     s_arg = s if s is not None else x
-    rms_norm_kernel[(triton.cdiv(m, block_m),)](
+    rms_norm_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, cols) if cols else 1)](
         x, residual if residual is not None else x, res_out if res_out is not None else x, weight.contiguous(),
         pqs if pqs is not None else weight, y, s_arg, m, k, x.stride(0),
         residual.stride(0) if residual is not None else 0, res_out.stride(0) if res_out is not None else 0,
         y.stride(0), s.stride(0) if out in (2, 3) else 0, s.stride(1) if out == 3 else 0, float(eps),
         RESID=residual is not None, PQS=pqs is not None, OUT=out, DEQ=deq, G=group_size, UE8M0=ue8m0,
-        SOFT=soft_cast(), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps)
+        SOFT=soft_cast(), BLOCK_M=block_m, BLOCK_K=block_k, COLS=cols, num_warps=num_warps)
     return res_out
 
 

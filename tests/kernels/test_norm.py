@@ -116,6 +116,34 @@ def test_rms_norm_quantize_pre_quant_scale_and_fake(gran, dtype):
     assert torch.equal(f, (qr.float() * srep).to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_column_slices_at_decode(monkeypatch, dtype):
+    """Up to SPLIT_MAX_M rows each row's columns go to several programs (SPLIT_COLS each, every one summing the whole
+    row's squares, token taking the amax of the whole row's h): the plain norm, the residual, every granularity's
+    codes and scales and the fake-quantized values are those of the reference on rms_norm's own h, in both launch
+    forms (K = 300: a partial last slice and group)."""
+    from lowbit.kernels import norm
+
+    x, r, w = _inputs(3, 300, dtype, seed=6)
+    x[1, 290] = 40.0  # row 1's amax in the last slice
+    pqs = (torch.rand(300, device=DEV) * 3 + 0.25).to(dtype)
+    scale = torch.tensor([0.01], device=DEV)
+    for cols in (1 << 20, 128):  # one program per row, then three column slices per row
+        monkeypatch.setattr(norm, "SPLIT_COLS", cols)
+        h, res = rms_norm(x, w, 1e-6, residual=r)
+        assert torch.equal(res, x + r)
+        for gran in ("tensor_static", "token", "token_group"):
+            sc = scale if gran == "tensor_static" else None
+            qr, sr = _ref_quant(h, gran, sc, False, pqs)
+            q, s, res_q = rms_norm_quantize_fp8(x, w, 1e-6, gran, sc, residual=r, pre_quant_scale=pqs,
+                                                column_major_scales=True)
+            assert torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), (cols, gran)
+            assert torch.equal(res_q, res)
+            f, sf, _ = rms_norm_quantize_fp8(x, w, 1e-6, gran, sc, residual=r, pre_quant_scale=pqs, fake=True)
+            srep = sr.repeat_interleave(128, dim=1)[:, :300] if gran == "token_group" else sr
+            assert torch.equal(sf, sr) and torch.equal(f, (qr.float() * srep).to(dtype)), (cols, gran)
+
+
 def test_bad_input_is_named():
     x, r, w = _inputs(2, 64, torch.float16)
     with pytest.raises(ValueError, match="tensor_dynamic"):
