@@ -52,10 +52,15 @@ def _expected(x, qweight, scales, k, act, bias=None, pqs=None, ue8m0=False):
     return ref.fp8_gemm_ref(xq, xs, act, wd, torch.float32, bias)
 
 
-def _check(y, y_ref, k, out_dtype, what=""):
+def _check(y, y_ref, k, out_dtype, what="", fp8_mma=False):
+    """fp32 output: exact products summed in fp32; fp8_mma (a GPU's fp8 MMAs: the dequant candidates) keeps ~14 bits
+    while accumulating a K block (fp8_block.py), so there the fp32 budget is that MMA's, 2^-13."""
     assert torch.isfinite(y).all()
     err = ((y.float() - y_ref).norm() / y_ref.norm().clamp(min=1e-30)).item()
-    budget = 2e-6 * math.sqrt(max(k, 128) / 128) if out_dtype == torch.float32 else 8e-3
+    if out_dtype == torch.float32:
+        budget = 2.0**-13 if fp8_mma else 2e-6 * math.sqrt(max(k, 128) / 128)
+    else:
+        budget = 8e-3
     assert err < budget, f"{what}: relative error {err:.3g} over budget {budget:.3g}"
 
 
@@ -87,7 +92,8 @@ def test_w4a8_linear_cpu(case):
     y = w4a8_linear(x, w, act, _static() if act == "tensor_static" else None, bias=bias, out_dtype=torch.float32,
                     candidate=cand)
     assert y.shape == (m, n)
-    _check(y, _expected(x, qweight, scales, k, act, bias), k, torch.float32)
+    fp8_mma = y.is_cuda and cand in ("dequant", None)  # (None: the selection takes a dequant candidate at M = 70)
+    _check(y, _expected(x, qweight, scales, k, act, bias), k, torch.float32, fp8_mma=fp8_mma)
 
 
 PRE_CASES = [(3, 96, 256, "token_group", "fused_pre"), (1, 64, 300, "tensor_static", "fused_pre"),
@@ -194,11 +200,13 @@ def test_codes_equal_reference(m, act, dtype, ue8m0, smooth, cand):
 
 def test_fused_codes_off_by_one_step_where_rcp_differs():
     """token_group bf16 x where x * RN(1 / s) and x / s round to different e4m3 codes (6 of 4096 elements of this
-    seed): the fused kernel follows the multiply, one step from the reference there and equal elsewhere."""
+    seed on the CPU): the fused kernel follows the multiply, one step from the reference there and equal elsewhere.
+    (On an H100 the reference's codes equal the multiply's on all 4096, so there only the second assertion bites.)"""
     k = 256
     x = torch.randn(16, k, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(DEV)
     xq_rcp, xq, xs = _rcp_codes(x, "token_group", None, False)
-    assert int((xq_rcp.view(torch.uint8) != xq.view(torch.uint8)).sum()) > 0  # the case this test is about
+    if DEV == "cpu":
+        assert int((xq_rcp.view(torch.uint8) != xq.view(torch.uint8)).sum()) > 0  # the case this test is about
     y = w4a8_linear(x, _identity_weights(k), "token_group", out_dtype=torch.float32, candidate="fused")
     assert torch.equal(y, ref.dequantize_fp8_act(xq_rcp, xs, "token_group"))
 
