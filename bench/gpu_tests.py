@@ -2,6 +2,11 @@
 (section `gpu_tests`, with the commit), which `lowbit matrix` reads.
 
     python -m bench.gpu_tests [--out DIR] [pytest args...]
+    python -m bench.gpu_tests --all [--out DIR] tests/kernels tests/layers tests/models
+
+--all runs every test, not only the gpu-marked ones (section `gpu_tests_all`): the unmarked tests put their tensors
+on the GPU when there is one (DEV = "cuda"), so there they check the kernels' GPU code as well; the format and
+quantization tests need packages the device image lacks (compressed-tensors, llm-compressor, gguf), hence the paths.
 """
 
 from __future__ import annotations
@@ -36,14 +41,17 @@ def summarize(junit_path: str) -> dict[str, dict[str, int]]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--all", action="store_true", help="every test, not only the gpu-marked ones")
     args, rest = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
         junit = os.path.join(tmp, "junit.xml")
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", f"--junitxml={junit}", *(rest or ["tests"])]
+        marker = [] if args.all else ["-m", "gpu"]
+        cmd = [sys.executable, "-m", "pytest", *marker, "-q", f"--junitxml={junit}", *(rest or ["tests"])]
         rc = subprocess.call(cmd)
         files = summarize(junit)
     totals = {k: sum(f[k] for f in files.values()) for k in ("passed", "failed", "skipped")}
-    path = save_section("gpu_tests", {"files": files, "totals": totals, "pytest_exit": rc}, args.out)
+    section = "gpu_tests_all" if args.all else "gpu_tests"
+    path = save_section(section, {"files": files, "totals": totals, "pytest_exit": rc}, args.out)
     print(f"gpu tests: {totals} -> {path}")
     return rc
 
