@@ -5,9 +5,9 @@
 The roundings are those of the torch ops it replaces (F.silu(gate) rounded to DT, then the product rounded to DT:
 quant_act._load_act, which the fp8 quantization passes share); for 16-bit x the kernel's exp is not torch's, so its
 SiLU can be a few fp32 ulps off, which after the DT roundings rarely moves a value by one or two DT ulps; fp32 x on
-the GPU takes libdevice's expf, torch's own (tests/kernels/test_activation.py). Unfused, torch runs two kernels and writes and re-reads the [M, I]
-SiLU output (bytes per output element: read 4, write 2, read 2, write 2 = 10; here 4 + 2 = 6), which at decode sizes
-is two launches where one does.
+the GPU takes libdevice's expf, torch's own (tests/kernels/test_activation.py). Unfused, torch runs two kernels and
+writes and re-reads the [M, I] SiLU output (bytes per output element: read 4, write 2, read 2, write 2 = 10; here
+4 + 2 = 6), which at decode sizes is two launches where one does.
 
 | tensor | dtype          | shape   | notes                                   |
 |--------|----------------|---------|-----------------------------------------|

@@ -23,7 +23,8 @@ this norm then quantize_fp8 (1.51-1.56x; 1.35-1.40x at M = 2048). A norm and Lla
 (57344 x 8192) through layers/norm.norm_linear against the torch norm then the layer: 1.13-1.18x (fp8 block) and
 1.07-1.16x (w4a8) at M = 256..8192, 1.03-1.12x for bf16 weights.
 
-One program normalises BLOCK_M whole rows held in registers (K <= MAX_K):
+One program normalises BLOCK_M whole rows held in registers (K <= MAX_K); at decode (up to SPLIT_MAX_M rows) a
+program sums the squares of one whole row and writes one column slice of it (COLS), so a row's work spreads over SMs:
 | tensor   | dtype          | shape                     | notes                                                   |
 |----------|----------------|---------------------------|---------------------------------------------------------|
 | x        | fp16/bf16/fp32 | [M, K]                    | unit stride along K                                     |
