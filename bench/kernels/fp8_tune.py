@@ -789,11 +789,94 @@ def mid_tune(out_dir: str, budget_s: float = 300, passes: int = 2, shapes=None) 
     return _save_select("mid_tune", out_dir, select, upd_select, res, dev, t0)
 
 
+# ---- small_m configs for per-tensor / per-channel weights at decode (fp8_small_m.json "row_scale") -----------------
+
+ROW_CONFIGS = [(bn, s, 4, st, 64) for bn in (64, 128) for s in (1, 2, 4, 8) for st in (3, 5)]
+
+
+def row_tune(out_dir: str, budget_s: float = 240, shapes=None, ms=(1, 16)) -> dict:
+    """small_m launch configs for weights with one scale per tensor or per row, at M = 1 / 16. The main table was
+    tuned on block weights (per-K-block scales, token_group x quantized in-kernel); here each candidate of ROW_CONFIGS
+    and the main table's config run the two forms the selection runs for these weights at decode, per-tensor weights
+    with static x (A_STATIC) and per-channel weights with per-token x (A_DYN_TOKEN, or quantize_fp8 first where
+    fp8_gemm.fuses_quant says so), interleaved. A config is kept where the sum of the two is >= 3% below the main
+    table's. Writes fp8_small_m.json "row_scale" {"NxK": {"<M>": config}} and <out_dir>/fp8_row_tune.json."""
+    from lowbit.kernels import fp8_small_m as sm
+    from lowbit.kernels.fp8_gemm import fuses_quant, small_m_config
+    from lowbit.kernels.quant_act import quantize_fp8
+
+    t0 = time.time()
+    res: dict = {}
+    chosen: dict = {}
+    for n, k in shapes or SWEEP_SHAPES:
+        if time.time() - t0 > budget_s:
+            print(f"row_tune: budget, skipped {n}x{k}", flush=True)
+            continue
+        sets = fp8_weight_sets(n, k, copies_for(n * k))
+        static = torch.tensor([0.02], device="cuda")
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            token_fused = fuses_quant(sets[0]["channel"], "token", m)
+            xq, xs = quantize_fp8(x, "token")
+
+            def forms(c):
+                st = [lambda W=s_["tensor"]: sm.fp8_small_m(x, static, sm.A_STATIC, W.weight, W.row_scale, None,
+                                                           W.counters, n, k, config=c) for s_ in sets]
+                if token_fused:
+                    tok = [lambda W=s_["channel"]: sm.fp8_small_m(x, None, sm.A_DYN_TOKEN, W.weight, W.row_scale, None,
+                                                                 W.counters, n, k, config=c) for s_ in sets]
+                else:
+                    tok = [lambda W=s_["channel"]: sm.fp8_small_m(xq, xs, sm.A_FP8_ROW, W.weight, W.row_scale, None,
+                                                                 W.counters, n, k, config=c) for s_ in sets]
+                return st, tok
+
+            table = tuple(small_m_config(n, k, m))  # with its PDL flag where the main table has one
+            cands = [table] + [c for c in ROW_CONFIGS if c != table[:5] and c[1] <= math.ceil(k / 128)]
+            t = fp8_bench.timer()
+            for c in cands:
+                st, tok = forms(c)
+                t.add(f"static|{c}", st)
+                t.add(f"token|{c}", tok)
+            r = t.run()
+            sums = {c: r[f"static|{c}"] + r[f"token|{c}"] for c in cands
+                    if r.get(f"static|{c}") and r.get(f"token|{c}")}
+            best = min(sums, key=sums.get) if sums else table
+            keep = table in sums and best != table and sums[best] < 0.97 * sums[table]
+            if keep:
+                chosen.setdefault(f"{n}x{k}", {})[str(m)] = list(best)
+            res[f"{n}x{k}:{m}"] = {"table": list(table), "best": list(best), "kept": keep,
+                                   "us": {f"{f}|{list(c)}": r.get(f"{f}|{c}") for c in cands for f in ("static", "token")}}
+            print(f"  {n}x{k} M={m}: table {table} {sums.get(table, 0):.2f} us (static + token), best {best} "
+                  f"{sums.get(best, 0):.2f} -> {'kept' if keep else 'table'}", flush=True)
+        sets = None
+        torch.cuda.empty_cache()
+    dev = torch.cuda.get_device_name()
+
+    def upd(cfg):
+        rows = cfg.setdefault("row_scale", {})
+        for key, entry in chosen.items():  # buckets up to the largest tuned M; the main table above it
+            rows[key] = {b: entry.get(b) or list(small_m_config(*map(int, key.split("x")), int(b)))
+                         for b in map(str, ms)}
+        cfg["_row_scale_source"] = (
+            f"bench/kernels/fp8_tune.py row_tune on {dev}, {time.strftime('%Y-%m-%d')}: per-tensor / per-channel "
+            "weights at M = 1 / 16 (static x and per-token x summed), the main table's config vs 16 others, "
+            "interleaved CUDA-graph replay over rotated weight copies; kept where >= 3% faster (fp8_row_tune.json)")
+
+    if chosen:
+        _write_config("fp8_small_m", upd)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "fp8_row_tune.json"), "w") as f:
+        json.dump({"rows": res, "chosen": chosen, "device": dev, "seconds": time.time() - t0}, f, indent=1)
+    print(f"row_tune: {time.time() - t0:.0f} s", flush=True)
+    return chosen
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.kernels.fp8_tune")
-    parser.add_argument("what", choices=["sweep", "retime", "warm_bench", "split_tune", "rows_tune", "mid_tune"])
+    parser.add_argument("what", choices=["sweep", "retime", "warm_bench", "split_tune", "rows_tune", "mid_tune",
+                                         "row_tune"])
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--budget", type=float, default=140)
     parser.add_argument("--workers", type=int, default=12)
@@ -811,6 +894,8 @@ if __name__ == "__main__":
         rows_tune(a.out, a.budget, confirm=a.confirm)
     elif a.what == "mid_tune":
         mid_tune(a.out, a.budget)
+    elif a.what == "row_tune":
+        row_tune(a.out, a.budget)
     elif a.what == "retime":
         retime(a.prev, a.out, a.config, a.budget, a.workers, wait_for=a.wait_for)
     else:

@@ -326,11 +326,16 @@ def fuses_quant(w: Fp8Weights, act: str, m: int) -> bool:
     return act not in ("token", "tensor_dynamic") or (m * w.k <= FUSED_AMAX_MAX_ELEMS and w.k <= FUSED_AMAX_MAX_K)
 
 
-def small_m_config(n: int, k: int, m: int, sms: int = 132) -> tuple:
+def small_m_config(n: int, k: int, m: int, sms: int = 132, row_scale: bool = False) -> tuple:
     """configs/fp8_small_m.json for this shape and M bucket; else 64-row weight tiles, 4 warps, 3 stages and
     splits for ~3.5 programs per SM (M <= 32) or ~2 (above), the pattern of the H100 winners in bench/kernels/fp8.py
-    split_k_sweep (14 shapes, M = 1..256: BLOCK_N 64 won on 10 of 14 shapes at M = 1, 128 on the others)."""
+    split_k_sweep (14 shapes, M = 1..256: BLOCK_N 64 won on 10 of 14 shapes at M = 1, 128 on the others).
+    row_scale (per-tensor / per-channel weights: no per-K-block scales): the "row_scale" table first, up to its
+    largest M bucket (bench/kernels/fp8_tune.py row_tune; the main table was tuned on block weights)."""
     tuned = load_config("fp8_small_m")
+    rows = tuned.get("row_scale", {}).get(f"{n}x{k}") if row_scale else None
+    if rows and m <= max(int(b) for b in rows):
+        return fp8_small_m.small_m_config(n, k, sms, {f"{n}x{k}": rows}, m)
     if f"{n}x{k}" in tuned:
         return fp8_small_m.small_m_config(n, k, sms, tuned, m)
     block_n = 64 if n >= 256 else 32
@@ -394,7 +399,7 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weights, act_granularity: str, input_scale
                 x2, x_scale = quantize_fp8(x2, act_granularity, input_scale, 128, ue8m0, column_major_scales=True)
             mode = fp8_small_m.A_FP8_GROUP if act_granularity == "token_group" else fp8_small_m.A_FP8_ROW
             xs = x_scale
-        cfg = small_m_config(w.n, w.k, m, _sms(x2.device))
+        cfg = small_m_config(w.n, w.k, m, _sms(x2.device), row_scale=w.granularity != "block")
         y = fp8_small_m.fp8_small_m(x2, xs, mode, w.weight, w_scale, w_rows, w.counters, w.n, w.k, bias=bias,
                                     out_dtype=out_dtype, ue8m0=ue8m0, config=cfg)
         return y.reshape(*lead, w.n)

@@ -264,6 +264,22 @@ def test_cublas_block_rows_config_range(monkeypatch):
         fp8_gemm._calls_table.cache_clear()
 
 
+def test_small_m_row_scale_table(monkeypatch):
+    """Per-tensor / per-channel weights take the "row_scale" table up to its largest M bucket, the main (block-weight)
+    table above it and for block weights; a shape without a row entry takes the main table."""
+    main = {"1": [64, 8, 4, 3, 64], "16": [64, 4, 4, 3, 64], "64": [128, 2, 8, 3, 64]}
+    cfg = {"64x256": main, "row_scale": {"64x256": {"1": [128, 1, 4, 5, 64], "16": [64, 1, 4, 5, 64]}}}
+    monkeypatch.setattr(fp8_gemm, "load_config", lambda name: cfg if name == "fp8_small_m" else {})
+    got = {(m, row): fp8_gemm.small_m_config(64, 256, m, row_scale=row)[:4] for m in (1, 2, 16, 17, 64)
+           for row in (True, False)}
+    assert got == {(1, True): (128, 1, 4, 5), (2, True): (64, 1, 4, 5), (16, True): (64, 1, 4, 5),
+                   (17, True): (128, 2, 8, 3), (64, True): (128, 2, 8, 3), (1, False): (64, 8, 4, 3),
+                   (2, False): (64, 4, 4, 3), (16, False): (64, 4, 4, 3), (17, False): (128, 2, 8, 3),
+                   (64, False): (128, 2, 8, 3)}
+    cfg["row_scale"] = {}
+    assert fp8_gemm.small_m_config(64, 256, 1, row_scale=True)[:4] == (64, 8, 4, 3)
+
+
 def test_split_n_remainder_scales_made_at_load(monkeypatch):
     """split_n runs the rows past the last whole 128 in the rows form whatever the main call's form, so a weight whose
     shape has a split_n range gets that piece's rows scales at load (inside a CUDA graph capture they would be made,
