@@ -5,8 +5,10 @@ the split-K kernel for M = 1..256 against its peers and wrote configs/fp8_small_
 fp8_select.json; `split_tune` (python -m bench.kernels.fp8_tune split_tune) times cuBLAS block-wise split over K / N on
 side streams and PDL for small_m, and writes those choices and the small_m crossover into the configs; `rows_tune`
 (python -m bench.kernels.fp8_tune rows_tune) times cuBLAS block-wise with the weight scales expanded to rows (1x128
-x 1x128) against the current call and per-tensor cuBLAS fp8, and writes its M ranges into fp8_select.json; `warm_bench`
-compiles the benchmark's kernels in parallel processes first.
+x 1x128) against the current call and per-tensor cuBLAS fp8, and writes its M ranges into fp8_select.json; `row_tune`
+(python -m bench.kernels.fp8_tune row_tune) times small_m launch configs for per-tensor / per-channel weights at
+M = 1 / 16 and writes fp8_small_m.json "row_scale"; `warm_bench` compiles the benchmark's kernels in parallel
+processes first.
 """
 
 from __future__ import annotations
