@@ -846,8 +846,8 @@ def row_tune(out_dir: str, budget_s: float = 240, shapes=None, ms=(1, 16)) -> di
             keep = table in sums and best != table and sums[best] < 0.97 * sums[table]
             if keep:
                 chosen.setdefault(f"{n}x{k}", {})[str(m)] = list(best)
-            res[f"{n}x{k}:{m}"] = {"table": list(table), "best": list(best), "kept": keep,
-                                   "us": {f"{f}|{list(c)}": r.get(f"{f}|{c}") for c in cands for f in ("static", "token")}}
+            us = {f"{f}|{list(c)}": r.get(f"{f}|{c}") for c in cands for f in ("static", "token")}
+            res[f"{n}x{k}:{m}"] = {"table": list(table), "best": list(best), "kept": keep, "us": us}
             print(f"  {n}x{k} M={m}: table {table} {sums.get(table, 0):.2f} us (static + token), best {best} "
                   f"{sums.get(best, 0):.2f} -> {'kept' if keep else 'table'}", flush=True)
         sets = None
