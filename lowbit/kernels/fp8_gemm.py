@@ -333,9 +333,10 @@ def small_m_config(n: int, k: int, m: int, sms: int = 132, row_scale: bool = Fal
     row_scale (per-tensor / per-channel weights: no per-K-block scales): the "row_scale" table first, up to its
     largest M bucket (bench/kernels/fp8_tune.py row_tune; the main table was tuned on block weights)."""
     tuned = load_config("fp8_small_m")
-    rows = tuned.get("row_scale", {}).get(f"{n}x{k}") if row_scale else None
+    row_table = tuned.get("row_scale", {}) if row_scale else {}
+    rows = row_table.get(f"{n}x{k}")
     if rows and m <= max(int(b) for b in rows):
-        return fp8_small_m.small_m_config(n, k, sms, {f"{n}x{k}": rows}, m)
+        return fp8_small_m.small_m_config(n, k, sms, row_table, m)
     if f"{n}x{k}" in tuned:
         return fp8_small_m.small_m_config(n, k, sms, tuned, m)
     block_n = 64 if n >= 256 else 32
