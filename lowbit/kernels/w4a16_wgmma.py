@@ -30,6 +30,10 @@ the units (tile, K-block) c * U .. c * U + U - 1 in tile-major order, at most tw
 cut tiles meet in the workspace as above. H100, 16 sweep shapes at M = 64..1024: faster than the tuned entry on two
 points (5120x8192 M = 256: 60.0 -> 53.4 us; 8192x8192 M = 64: 28.5 -> 27.1 us), slower on most (4608x3584 M = 256:
 29.5 vs 26.3 us): two pipeline fills per CTA and the fix-up cost more than the idle SMs they recover.
+Stream-K on 128 x 256 tiles with one pipeline in a runtime loop over the CTA's tiles (not kept; H100, eleventh
+session, 26 points at M = 256..1024, bench/results/h100.json w4a16_sk_loop_probe): it fits shared memory only on 2
+stages (3 need 237592 B: the epilogue scratch can no longer alias the stages) and ran 1.6-2.9x slower than the
+table's pick (5120x8192 M = 512: 135.1 vs 84.9 us); on 128 x 128 tiles the loop timed as the two-call form.
 Split-K on one-wave grids (H100, fourth session, 10 points from 4608x3584 to 18944x3584 at M = 256 / 512, five tile
 shapes): SPLIT_K 2 / 3 lost everywhere, e.g. 3584x3584 M = 512 on 128 x 128 tiles 26.9 -> 45.1 / 50.9 us (cuBLAS
 19.1). ncu: those tiles hold one CTA per SM (163.9 KB of shared memory; 147.5 KB for 64 x 128 on 4 stages), so 224
