@@ -34,6 +34,13 @@ Stream-K on 128 x 256 tiles with one pipeline in a runtime loop over the CTA's t
 session, 26 points at M = 256..1024, bench/results/h100.json w4a16_sk_loop_probe): it fits shared memory only on 2
 stages (3 need 237592 B: the epilogue scratch can no longer alias the stages) and ran 1.6-2.9x slower than the
 table's pick (5120x8192 M = 512: 135.1 vs 84.9 us); on 128 x 128 tiles the loop timed as the two-call form.
+The epilogue as one TMA store of y's tile staged in the dead pipeline stages (not kept; H100, eleventh session, the
+table's 59 wgmma points at M = 128..1024, bench/results/h100.json w4a16_tma_y_probe): bit-equal, 0.94-1.06x the
+convert_layout + masked-store epilogue, median 1.00. Where the time goes against cuBLAS (ncu, H100, 5120x8192 at
+M = 4096, 128 x 256 tiles with tail split vs cuBLAS's nvjet 320x128 kernel, a persistent 2x1-cluster grid): tensor pipe
+busy 80.4 vs 92.3% of the elapsed cycles (559.8 vs 492.9 us under ncu's clocks), L2 throughput 48% of peak for both,
+so the gap is tensor-pipe idle time, not L2 bandwidth. Timing against K (M = 512, 80 tiles on 80 SMs) puts 3-6 us
+per tile outside the K loop; with all 132 SMs busy (M = 4096) a tile's K loop runs 17% slower per SM than with 80.
 Split-K on one-wave grids (H100, fourth session, 10 points from 4608x3584 to 18944x3584 at M = 256 / 512, five tile
 shapes): SPLIT_K 2 / 3 lost everywhere, e.g. 3584x3584 M = 512 on 128 x 128 tiles 26.9 -> 45.1 / 50.9 us (cuBLAS
 19.1). ncu: those tiles hold one CTA per SM (163.9 KB of shared memory; 147.5 KB for 64 x 128 on 4 stages), so 224
