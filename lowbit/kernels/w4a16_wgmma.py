@@ -31,11 +31,12 @@ cut tiles meet in the workspace as above. H100, 16 sweep shapes at M = 64..1024:
 points (5120x8192 M = 256: 60.0 -> 53.4 us; 8192x8192 M = 64: 28.5 -> 27.1 us), slower on most (4608x3584 M = 256:
 29.5 vs 26.3 us): two pipeline fills per CTA and the fix-up cost more than the idle SMs they recover.
 Stream-K on 128 x 256 tiles with one pipeline in a runtime loop over the CTA's tiles (not kept; H100, eleventh
-session, 26 points at M = 256..1024, bench/results/h100.json w4a16_sk_loop_probe): it fits shared memory only on 2
+session, 27 points at M = 256..1024, bench/results/h100.json w4a16_sk_loop_probe): it fits shared memory only on 2
 stages (3 need 237592 B: the epilogue scratch can no longer alias the stages) and ran 1.6-2.9x slower than the
 table's pick (5120x8192 M = 512: 135.1 vs 84.9 us); on 128 x 128 tiles the loop timed as the two-call form. With y
-stored by TMA from a retired stage (no epilogue scratch) 3 stages fit, and 128 x 256 stream-K was still 1.2-2.9x slower
-(103.1 vs 83.1 us there; w4a16_sk_loop_tma_probe): the loop around the pipeline, not the stage count, is what costs.
+stored by TMA from a retired stage (no epilogue scratch) 3 stages fit, and 128 x 256 stream-K was still 1.2-3.2x
+slower (40 points at M = 128..1024; 103.1 vs 83.1 us there; w4a16_sk_loop_tma_probe): the loop around the pipeline,
+not the stage count, is what costs.
 The epilogue as one TMA store of y's tile staged in the dead pipeline stages (not kept; H100, eleventh session, the
 table's 59 wgmma points at M = 128..1024, bench/results/h100.json w4a16_tma_y_probe): bit-equal, 0.94-1.06x the
 convert_layout + masked-store epilogue, median 1.00. Where the time goes against cuBLAS (ncu, H100, 5120x8192 at
