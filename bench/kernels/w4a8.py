@@ -284,17 +284,6 @@ DECODE_KINDS = ("w4a16", "w4a8", "w4a8_tg")  # bench/kernels/act_quant.py _layer
 DECODE_OPS = ("norm_linear", "silu_down", "linear")
 
 
-def _mlp_down(layer, h):
-    """models/llama.py LlamaMLP.down: the backend's fused SiLU-mul where it has one, else GatedAct's SiLU-and-mul
-    (one Triton pass on a GPU), then the layer."""
-    from lowbit.layers.activation import silu_and_mul
-
-    fused = getattr(layer.backend, "apply_silu_mul", None)
-    if fused is not None:
-        return fused(layer, h, layer.bias)
-    return layer(silu_and_mul(h))
-
-
 def decode_layers(out_dir: str | None = None, ms=DECODE_MS, shapes=None, dtype=torch.bfloat16) -> list[dict]:
     """w4a8 (static per-tensor and token_group 128 activations) against w4a16 at decode sizes, as the models call the
     layers: norm_linear (add + RMSNorm, then the projection: qkv_proj, gate_up_proj), silu_down (gate | up [M, 2K],
@@ -302,6 +291,7 @@ def decode_layers(out_dir: str | None = None, ms=DECODE_MS, shapes=None, dtype=t
     with its backend's repack (act_quant._layer), rotated over copies so the weights are read from HBM; the three
     kinds of one (op, M) are replayed interleaved. x_w4a16 = w4a16_us / us (>= 1: w4a8 as fast as w4a16)."""
     from bench.kernels.act_quant import _layer
+    from lowbit.layers.activation import GatedAct, act_linear
     from lowbit.layers.norm import RMSNorm, norm_linear
 
     rows = []
@@ -309,12 +299,13 @@ def decode_layers(out_dir: str | None = None, ms=DECODE_MS, shapes=None, dtype=t
     for n, k in shapes or QUICK_SHAPES:
         layers = {kind: [_layer(kind, k, n, dtype) for _ in range(copies_for(n * k // 2))] for kind in DECODE_KINDS}
         norm = RMSNorm(k, 1e-6, dtype=dtype).cuda()
+        silu = GatedAct("silu")
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             r = torch.randn(m, k, device="cuda", dtype=dtype)
             h = torch.randn(m, 2 * k, device="cuda", dtype=dtype)
             calls = {"norm_linear": lambda lay: norm_linear(norm, lay, x, r),
-                     "silu_down": lambda lay: _mlp_down(lay, h), "linear": lambda lay: lay(x)}
+                     "silu_down": lambda lay: act_linear(silu, lay, h), "linear": lambda lay: lay(x)}
             for op in DECODE_OPS:
                 t = Interleaved(budget_rounds)
                 for kind in DECODE_KINDS:

@@ -74,22 +74,14 @@ def rms_norm_kernel(
     mask = mask_m[:, None] & (offs_k[None, :] < K)
     rows = offs_m[:, None].to(tl.int64)
     DT = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    if RESID:
-        x = _rounded(x + tl.load(r_ptr + rows * stride_rm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32), DT)
-        if COLS == 0:
-            tl.store(ro_ptr + rows * stride_om + offs_k[None, :], x.to(DT), mask=mask)
+    x = _load_x(x_ptr, r_ptr, ro_ptr, rows, offs_k, mask, stride_xm, stride_rm, stride_om, RESID, COLS == 0, DT)
     inv = tl.math.rsqrt(tl.sum(x * x, axis=1) / K + eps)  # [BLOCK_M]
     if COLS > 0:  # the whole row gave the sum of squares; the rest is this program's column slice (reloaded: L1/L2)
         if OUT == 2:  # the token scale: the amax of the whole row's h
             row_amax = tl.max(tl.abs(_h(x, inv, w_ptr, pqs_ptr, offs_k, K, PQS, DT)), axis=1)
         offs_k = tl.program_id(1) * COLS + tl.arange(0, COLS)
         mask = mask_m[:, None] & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        if RESID:
-            x = _rounded(x + tl.load(r_ptr + rows * stride_rm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32),
-                         DT)
-            tl.store(ro_ptr + rows * stride_om + offs_k[None, :], x.to(DT), mask=mask)
+        x = _load_x(x_ptr, r_ptr, ro_ptr, rows, offs_k, mask, stride_xm, stride_rm, stride_om, RESID, True, DT)
     h = _h(x, inv, w_ptr, pqs_ptr, offs_k, K, PQS, DT)
     y_ptrs = y_ptr + rows * stride_ym + offs_k[None, :]
     if OUT == 0:
@@ -117,6 +109,18 @@ def rms_norm_kernel(
             tl.store(s_ptr + offs_m * stride_sm, s, mask=mask_m & (tl.program_id(1) == 0))
         q = quantize_tile(tl.where(mask, h, 1.0), s[:, None], SOFT)
         tl.store(y_ptrs, _out(q, s[:, None], y_ptr, DEQ, SOFT), mask=mask)
+
+
+@triton.jit
+def _load_x(x_ptr, r_ptr, ro_ptr, rows, offs_k, mask, stride_xm, stride_rm, stride_om, RESID: tl.constexpr,
+            STORE: tl.constexpr, DT: tl.constexpr):
+    """The x tile [rows, offs_k] as fp32; RESID: DT(x + residual), written to res_out where STORE."""
+    x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    if RESID:
+        x = _rounded(x + tl.load(r_ptr + rows * stride_rm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32), DT)
+        if STORE:
+            tl.store(ro_ptr + rows * stride_om + offs_k[None, :], x.to(DT), mask=mask)
+    return x
 
 
 @triton.jit

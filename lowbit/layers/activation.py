@@ -38,3 +38,13 @@ class GatedAct(nn.Module):
             return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up
+
+
+def act_linear(act: GatedAct, linear, h: torch.Tensor) -> torch.Tensor:
+    """linear(act(gate) * up) from gate | up h [..., 2I] (the MLP's down projection). A backend that quantizes the
+    layer's input to fp8 may take gate | up and fuse SiLU-and-mul into that quantization (`apply_silu_mul(layer, h,
+    bias)`): h is read once and the 16-bit product never written."""
+    fused = getattr(getattr(linear, "backend", None), "apply_silu_mul", None)
+    if fused is not None and act.name == "silu":
+        return fused(linear, h, linear.bias)
+    return linear(act(h))

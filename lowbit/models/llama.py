@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lowbit.config import ModelConfig
-from lowbit.layers.activation import GatedAct
+from lowbit.layers.activation import GatedAct, act_linear
 from lowbit.layers.attention import Attention, AttentionMetadata
 from lowbit.layers.embedding import VocabEmbedding
 from lowbit.layers.linear import Linear
@@ -80,13 +80,9 @@ class LlamaMLP(nn.Module):
         return self.down(self.gate_up_proj(x))
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
-        """down_proj(act(gate) * up) from gate_up_proj's output h [T, 2I]."""
-        # a backend that quantizes its input (fp8 activations) can take gate|up and fuse SiLU-and-mul into that
-        # quantization: h is read once and the 16-bit product never written
-        fused = getattr(getattr(self.down_proj, "backend", None), "apply_silu_mul", None)
-        if fused is not None and self.act.name == "silu":
-            return fused(self.down_proj, h, self.down_proj.bias)
-        return self.down_proj(self.act(h))
+        """down_proj(act(gate) * up) from gate_up_proj's output h [T, 2I] (SiLU-and-mul fused into down_proj's input
+        quantization where its backend offers that: layers/activation.act_linear)."""
+        return act_linear(self.act, self.down_proj, h)
 
 
 class LlamaDecoderLayer(nn.Module):

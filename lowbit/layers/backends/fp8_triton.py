@@ -107,19 +107,35 @@ class Fp8TritonBackend:
 
         scheme = layer.quant_method.scheme
         gran = scheme.act_granularity
-        x2 = x.reshape(-1, x.shape[-1])
-        if gran not in knorm.FUSED_GRANULARITIES or not knorm.supported(x2, norm.weight):
+        rows = norm_rows(x, residual, norm, gran)
+        if rows is None:
             return None
+        x2, r2 = rows
         m = x2.shape[0]
         cand = pick_candidate(layer.fp8_weights, gran, m, x.dtype)
         if cand == "small_m" and fuses_quant(layer.fp8_weights, gran, m):
             return None
-        r2 = None if residual is None else residual.reshape(x2.shape)
         xq, xs, res = knorm.rms_norm_quantize_fp8(x2, norm.weight, norm.eps, gran, layer.fp8_input_scale, 128,
                                                   scheme.ue8m0_scales, column_major_scales=True, residual=r2)
         y = fp8_linear(xq, layer.fp8_weights, gran, layer.fp8_input_scale, bias=layer.bias, out_dtype=x.dtype,
                        x_scale=xs, ue8m0=scheme.ue8m0_scales, candidate=cand)
-        return y.reshape(*x.shape[:-1], y.shape[-1]), (x if res is None else res.reshape(x.shape))
+        return norm_result(x, y, res)
+
+
+def norm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm, gran: str):
+    """(x, residual) as the [M, K] rows kernels/norm.py's quantizing form takes, or None where it does not fuse them
+    (tensor_dynamic, rows it does not take): apply_rms_norm's common start (fp8 and w4a8 backends)."""
+    from lowbit.kernels import norm as knorm
+
+    x2 = x.reshape(-1, x.shape[-1])
+    if gran not in knorm.FUSED_GRANULARITIES or not knorm.supported(x2, norm.weight):
+        return None
+    return x2, None if residual is None else residual.reshape(x2.shape)
+
+
+def norm_result(x: torch.Tensor, y: torch.Tensor, res: torch.Tensor | None):
+    """apply_rms_norm's return: y in x's leading shape, and the new residual (x + residual, or x itself)."""
+    return y.reshape(*x.shape[:-1], y.shape[-1]), (x if res is None else res.reshape(x.shape))
 
 
 TRITON_FP8 = register(Fp8TritonBackend())

@@ -18,7 +18,7 @@ import torch
 from lowbit.kernels import HAS_TRITON
 from lowbit.layers.activation import silu_and_mul
 from lowbit.layers.backends import fp8_triton
-from lowbit.layers.backends.fp8_triton import DTYPES, scheme_ok
+from lowbit.layers.backends.fp8_triton import DTYPES, norm_result, norm_rows, scheme_ok
 from lowbit.layers.selection import register
 
 
@@ -100,17 +100,16 @@ class W4A8TritonBackend:
         scheme = layer.quant_method.scheme
         gran = scheme.act_granularity
         smoothing = getattr(layer, "pre_quant_scale", None)
-        x2 = x.reshape(-1, x.shape[-1])
-        if (gran not in knorm.FUSED_GRANULARITIES or not knorm.supported(x2, norm.weight)
-                or (smoothing is not None and smoothing.dtype != x.dtype)):
+        rows = norm_rows(x, residual, norm, gran)
+        if rows is None or (smoothing is not None and smoothing.dtype != x.dtype):
             return None
+        x2, r2 = rows
         w = layer.w4a8_weights
         m = x2.shape[0]
         out16 = x.dtype in (torch.float16, torch.bfloat16)
         cand = producer_candidate(w, m, gran, out16)
         if cand == "fused":
             return None
-        r2 = None if residual is None else residual.reshape(x2.shape)
         args = (x2, norm.weight, norm.eps, gran, layer.w4a8_input_scale, 128, scheme.ue8m0_scales)
         if cand == "w16":
             xf, _, res = knorm.rms_norm_quantize_fp8(*args, residual=r2, pre_quant_scale=smoothing, fake=True)
@@ -120,7 +119,7 @@ class W4A8TritonBackend:
                                                       pre_quant_scale=smoothing)
             # (cand reads e4m3 x: pick_candidate's picks are w16, fused and these)
             y = w4a8_linear(xq, w, gran, bias=layer.bias, out_dtype=x.dtype, x_scale=xs, candidate=cand)
-        return y.reshape(*x.shape[:-1], y.shape[-1]), (x if res is None else res.reshape(x.shape))
+        return norm_result(x, y, res)
 
 
 TRITON_W4A8 = register(W4A8TritonBackend())
